@@ -1,0 +1,71 @@
+"""A reading and a batch of readings, as sent over HTTP and carried on `telemetry.raw`.
+
+Types and physical ranges are checked by msgspec at decode time; the time window depends on
+the clock, so it is a separate check (`check_time_window`), shared by gateway and validator.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+DeviceType = Literal["pv_inverter", "battery", "load", "genset", "meter"]
+DEVICE_TYPES: Final[tuple[str, ...]] = ("pv_inverter", "battery", "load", "genset", "meter")
+
+Identifier = Annotated[
+    str,
+    Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+]
+AwareTime = Annotated[datetime, Meta(tz=True)]
+Voltage = Annotated[float, Meta(ge=0, le=50_000)]
+Current = Annotated[float, Meta(ge=-20_000, le=20_000)]
+Frequency = Annotated[float, Meta(ge=40, le=70)]
+Power = Annotated[float, Meta(ge=-100_000, le=100_000)]
+StateOfCharge = Annotated[float, Meta(ge=0, le=100)]
+Temperature = Annotated[float, Meta(ge=-60, le=200)]
+
+METRICS: Final[tuple[str, ...]] = (
+    "voltage_v",
+    "current_a",
+    "frequency_hz",
+    "power_kw",
+    "soc_pct",
+    "temperature_c",
+)
+
+
+class Reading(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    device_id: Identifier
+    site_id: Identifier
+    device_type: DeviceType
+    ts: AwareTime
+    seq: Annotated[int, Meta(ge=0)] | None = None
+    voltage_v: Voltage | None = None
+    current_a: Current | None = None
+    frequency_hz: Frequency | None = None
+    power_kw: Power | None = None
+    soc_pct: StateOfCharge | None = None
+    temperature_c: Temperature | None = None
+
+
+class ReadingBatch(msgspec.Struct, forbid_unknown_fields=True):
+    readings: Annotated[list[Reading], Meta(min_length=1)]
+
+
+class TimeWindow(msgspec.Struct, frozen=True):
+    """How far a reading's timestamp may lie from the receiver's clock."""
+
+    max_future: timedelta
+    max_age: timedelta
+
+
+def check_time_window(reading: Reading, now: datetime, window: TimeWindow) -> str | None:
+    """Return why the reading's timestamp is unacceptable, or None when it is fine."""
+    if reading.ts > now + window.max_future:
+        return f"ts {reading.ts.isoformat()} is more than {window.max_future} in the future"
+    if reading.ts < now - window.max_age:
+        return f"ts {reading.ts.isoformat()} is older than {window.max_age}"
+    return None

@@ -1,0 +1,25 @@
+"""Topic names, record header names and consumer group ids. Defined here and nowhere else."""
+
+from typing import Final
+
+
+class Topics:
+    TELEMETRY_RAW: Final = "telemetry.raw"
+    TELEMETRY_VALID: Final = "telemetry.valid"
+    TELEMETRY_DLQ: Final = "telemetry.dlq"
+
+
+class Headers:
+    # On telemetry.dlq: why and where the original record came from.
+    DLQ_REASON: Final = "x-dlq-reason"
+    DLQ_SOURCE_TOPIC: Final = "x-dlq-source-topic"
+    DLQ_SOURCE_PARTITION: Final = "x-dlq-source-partition"
+    DLQ_SOURCE_OFFSET: Final = "x-dlq-source-offset"
+    # On telemetry.valid: the telemetry.raw record it was derived from (projection de-duplication).
+    SOURCE_PARTITION: Final = "x-source-partition"
+    SOURCE_OFFSET: Final = "x-source-offset"
+
+
+class Groups:
+    VALIDATOR: Final = "microgrid.validator"
+    TELEMETRY_PROJECTOR: Final = "microgrid.projector.telemetry"

@@ -1,0 +1,1 @@
+"""HTTP ingest gateway: authenticates devices and writes their readings to `telemetry.raw`."""

@@ -1,0 +1,195 @@
+"""Litestar app: `POST /api/v1/telemetry` and `POST /api/v1/telemetry/batch`.
+
+202 is answered only once the broker acknowledged every record of the request (acks=all,
+idempotent producer). Overload and broker trouble are answered with 503 and `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+from aiokafka.errors import KafkaError
+from litestar import Litestar, Request, get, post
+from litestar.datastructures import State
+from psycopg_pool import AsyncConnectionPool
+
+from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
+from ingest_gateway.keys import KeyStore
+from microgrid.http import exception_handlers, problem, problem_details_plugin
+from microgrid.kafka import reliable_producer
+from microgrid.settings import Settings, get_settings
+
+log = logging.getLogger("microgrid.gateway")
+
+
+class Accepted(msgspec.Struct):
+    accepted: int
+
+
+class Gateway:
+    """Per-process state: the producer, the key store and the in-flight bound."""
+
+    def __init__(self, settings: Settings, keys: KeyStore) -> None:
+        self.s = settings
+        self.keys = keys
+        self.producer = reliable_producer(settings)
+        self.topic = settings.topic(Topics.TELEMETRY_RAW)
+        self.window = TimeWindow(
+            max_future=timedelta(seconds=settings.max_future_skew_s),
+            max_age=timedelta(seconds=settings.max_reading_age_s),
+        )
+        self.inflight = 0
+        self.retry_after = "1"
+
+    async def authenticate(self, request: Request[object, object, State]) -> str:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise problem(
+                401,
+                "Missing device key",
+                "send `Authorization: Bearer <device key>`",
+                headers={"WWW-Authenticate": 'Bearer realm="ingest"'},
+            )
+        site = await self.keys.site_for(key.strip())
+        if site is None:
+            raise problem(
+                401,
+                "Invalid device key",
+                "the key is unknown or revoked",
+                headers={"WWW-Authenticate": 'Bearer realm="ingest", error="invalid_token"'},
+            )
+        return site
+
+    def check(self, readings: list[Reading], site: str) -> None:
+        now = datetime.now(UTC)
+        errors = []
+        for i, r in enumerate(readings):
+            reason = check_time_window(r, now, self.window)
+            if reason:
+                errors.append({"field": f"readings[{i}].ts", "message": reason})
+        if errors:
+            raise problem(422, "Invalid readings", errors[0]["message"], errors=errors)
+        foreign = sorted({r.site_id for r in readings if r.site_id != site})
+        if foreign:
+            raise problem(
+                403,
+                "Site not allowed for this key",
+                f"this key belongs to site {site!r}; refused readings for {', '.join(foreign)}",
+            )
+
+    async def publish(self, readings: list[Reading]) -> None:
+        n = len(readings)
+        if self.inflight + n > self.s.ingest_max_inflight_readings:
+            raise problem(
+                503,
+                "Gateway overloaded",
+                "too many readings awaiting broker acknowledgement; retry later",
+                headers={"Retry-After": self.retry_after},
+            )
+        self.inflight += n
+        try:
+            by_device: dict[str, list[Reading]] = {}
+            for r in readings:
+                by_device.setdefault(r.device_id, []).append(r)
+            async with asyncio.timeout(self.s.ingest_ack_timeout_ms / 1000):
+                futures = []
+                for device_id, group in by_device.items():
+                    value = msgspec.json.encode(
+                        group[0] if len(group) == 1 else ReadingBatch(readings=group)
+                    )
+                    futures.append(
+                        await self.producer.send(self.topic, value, key=device_id.encode())
+                    )
+                await asyncio.gather(*futures)
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("broker did not acknowledge %d readings: %r", n, exc)
+            raise problem(
+                503,
+                "Telemetry log unavailable",
+                "the broker did not acknowledge the readings in time; nothing was accepted",
+                headers={"Retry-After": self.retry_after},
+            ) from exc
+        finally:
+            self.inflight -= n
+
+
+def _decode(body: bytes, kind: type[Reading] | type[ReadingBatch]) -> Reading | ReadingBatch:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        field = message.rpartition(" - at `$")[2].rstrip("`").lstrip(".") or None
+        raise problem(
+            422, "Invalid reading", message, errors=[{"field": field, "message": message}]
+        ) from exc
+    except msgspec.DecodeError as exc:
+        raise problem(400, "Malformed JSON", str(exc)) from exc
+
+
+@post("/api/v1/telemetry", status_code=202)
+async def ingest_reading(request: Request[object, object, State], state: State) -> Accepted:
+    gw: Gateway = state.gateway
+    site = await gw.authenticate(request)
+    reading = _decode(await request.body(), Reading)
+    assert isinstance(reading, Reading)
+    gw.check([reading], site)
+    await gw.publish([reading])
+    return Accepted(accepted=1)
+
+
+@post("/api/v1/telemetry/batch", status_code=202)
+async def ingest_batch(request: Request[object, object, State], state: State) -> Accepted:
+    gw: Gateway = state.gateway
+    site = await gw.authenticate(request)
+    batch = _decode(await request.body(), ReadingBatch)
+    assert isinstance(batch, ReadingBatch)
+    if len(batch.readings) > gw.s.ingest_max_batch:
+        raise problem(
+            422,
+            "Batch too large",
+            f"{len(batch.readings)} readings; at most {gw.s.ingest_max_batch} per request",
+            errors=[{"field": "readings", "message": f"at most {gw.s.ingest_max_batch} items"}],
+        )
+    gw.check(batch.readings, site)
+    await gw.publish(batch.readings)
+    return Accepted(accepted=len(batch.readings))
+
+
+@get("/healthz", sync_to_thread=False)
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    s = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=4, open=False)
+        await pool.open()
+        gw = Gateway(s, KeyStore(pool, s.ingest_key_cache_s))
+        await gw.producer.start()
+        app.state.gateway = gw
+        log.info("gateway ready, producing to %s", gw.topic)
+        try:
+            yield
+        finally:
+            await gw.producer.stop()  # flushes what is buffered
+            await pool.close()
+
+    return Litestar(
+        route_handlers=[ingest_reading, ingest_batch, healthz],
+        lifespan=[lifespan],
+        plugins=[problem_details_plugin()],
+        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        request_max_body_size=s.ingest_max_body_bytes,
+        openapi_config=None,
+    )
+
+
+app = create_app

@@ -1,0 +1,58 @@
+"""Device ingest keys. A key belongs to one site; only its SHA-256 is stored.
+
+Keys are 256-bit random tokens, so a fast hash is as safe as a slow one and keeps the per-request
+cost flat; verified keys are cached for a short time so a request costs no database round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+KEY_PREFIX = "mgk_"
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def create_key(conn: psycopg.Connection, site_id: str) -> str:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    conn.execute(
+        "INSERT INTO device_keys (key_prefix, key_hash, site_id) VALUES (%s, %s, %s)",
+        (key[:12], hash_key(key), site_id),
+    )
+    return key
+
+
+class KeyStore:
+    """Resolves a presented key to its site, with a bounded time-limited cache (hits and misses)."""
+
+    def __init__(self, pool: AsyncConnectionPool, ttl_s: float, max_entries: int = 100_000):
+        self._pool = pool
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._cache: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+
+    async def site_for(self, key: str) -> str | None:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT site_id FROM device_keys WHERE key_hash = %s AND revoked_at IS NULL",
+                (hash_key(key),),
+            )
+            row = await cur.fetchone()
+        site = row[0] if row else None
+        self._cache[key] = (now + self._ttl, site)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        return site

@@ -1,0 +1,1 @@
+"""Composition package: settings, client factories, local stack, CLI and process supervision."""

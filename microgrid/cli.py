@@ -1,0 +1,172 @@
+"""`microgrid` command line: local stack, migrations, components, keys, simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from microgrid.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+stack_app = typer.Typer(no_args_is_help=True, help="Local Kafka, PostgreSQL and Redis.")
+keys_app = typer.Typer(no_args_is_help=True, help="Device ingest keys.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(keys_app, name="keys")
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start Kafka, PostgreSQL and Redis (idempotent) and create the topics."""
+    from microgrid.kafka import ensure_topics
+    from microgrid.stack import StackError, services
+
+    s = get_settings()
+    for svc in services(s):
+        try:
+            svc.up()
+        except StackError as exc:
+            _fail(f"{svc.name}: {exc}")
+        st = svc.status()
+        typer.echo(f"{st.name:<9} up on 127.0.0.1:{st.port} ({st.detail})")
+    created = asyncio.run(ensure_topics(s))
+    if created:
+        typer.echo(f"topics created: {', '.join(created)}")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the services this stack started (nothing else)."""
+    from microgrid.stack import services
+
+    for svc in reversed(services(get_settings())):
+        svc.down()
+        typer.echo(f"{svc.name:<9} stopped")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Say what runs on which port."""
+    from microgrid.stack import services
+
+    all_up = True
+    for svc in services(get_settings()):
+        st = svc.status()
+        all_up &= st.running
+        state = "up" if st.running else "down"
+        pid = f" pid {st.pid}" if st.pid else ""
+        typer.echo(f"{st.name:<9} {state:<5} 127.0.0.1:{st.port} {st.detail}{pid}")
+    raise typer.Exit(0 if all_up else 3)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending SQL migrations (idempotent)."""
+    from microgrid.db import migrate as apply
+
+    applied = apply(get_settings())
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+
+
+@app.command()
+def run(
+    only: Annotated[
+        str | None, typer.Option(help="comma-separated components (default: all)")
+    ] = None,
+) -> None:
+    """Run the components, each in its own supervised process. Ctrl-C stops them."""
+    from microgrid.components import COMPONENTS
+
+    names = list(COMPONENTS) if not only else [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        _fail(f"unknown component(s): {', '.join(unknown)}; available: {', '.join(COMPONENTS)}")
+    _supervise(names)
+
+
+def _supervise(names: list[str]) -> None:
+    from microgrid.kafka import ensure_topics
+    from microgrid.logs import configure_logging
+    from microgrid.supervisor import Supervisor
+
+    s = get_settings()
+    configure_logging("supervisor", s.log_level)
+    asyncio.run(ensure_topics(s))
+    raise typer.Exit(Supervisor(names).run())
+
+
+@app.command()
+def dev() -> None:
+    """Every component plus the simulator (what `make dev` runs)."""
+    from microgrid.components import COMPONENTS
+
+    s = get_settings()
+    typer.echo(
+        "\n".join(
+            [
+                "microgrid platform starting:",
+                f"  ingest gateway  http://{s.gateway_host}:{s.gateway_port}/api/v1/telemetry",
+                f"  query API       http://{s.api_host}:{s.api_port}/api/v1/devices",
+                f"  Kafka           {s.kafka_bootstrap_servers}",
+                f"  PostgreSQL      {s.database_url}",
+                f"  simulator       {s.sim_devices} devices, {s.sim_rate:g} reading/s each",
+                "Ctrl-C stops everything.",
+            ]
+        )
+    )
+    _supervise([*COMPONENTS, "simulator"])
+
+
+@keys_app.command("create")
+def keys_create(site: Annotated[str, typer.Option(help="site the key may send for")]) -> None:
+    """Print one new device ingest key for SITE on stdout (and nothing else)."""
+    import msgspec
+    import psycopg
+
+    from contracts.readings import Identifier
+    from ingest_gateway.keys import create_key
+
+    try:
+        msgspec.convert(site, Identifier)
+    except msgspec.ValidationError:
+        _fail(f"invalid site id {site!r}: letters, digits and . _ : - (at most 64)")
+    try:
+        with psycopg.connect(get_settings().database_url, autocommit=True) as conn:
+            key = create_key(conn, site)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach PostgreSQL ({exc}); is the stack up (`microgrid stack up`)?")
+    sys.stdout.write(key + "\n")
+
+
+@app.command()
+def simulate(
+    devices: Annotated[int, typer.Option(min=1, help="number of devices")] = 48,
+    rate: Annotated[float, typer.Option(min=0.001, help="readings per second per device")] = 1.0,
+    duration: Annotated[float | None, typer.Option(help="seconds (default: until Ctrl-C)")] = None,
+) -> None:
+    """Simulate microgrid devices sending readings to the gateway."""
+    from microgrid.logs import configure_logging
+    from microgrid.simulator import run_simulation
+
+    s = get_settings()
+    configure_logging("simulator", s.log_level)
+    try:
+        stats = asyncio.run(run_simulation(s, devices=devices, rate=rate, duration=duration))
+    except KeyboardInterrupt:
+        return
+    typer.echo(f"attempted {stats.attempted}, accepted {stats.accepted}, failed {stats.failed}")
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    logging.captureWarnings(True)
+    app()

@@ -1,0 +1,86 @@
+"""Entry point of one component process: `python -m microgrid.components NAME`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+
+from microgrid.logs import configure_logging
+from microgrid.settings import Settings, get_settings
+
+
+def _serve_http(target: str, host: str, port: int, workers: int) -> None:
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, Loops
+
+    Granian(
+        target,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        loop=Loops.uvloop,
+        http=HTTPModes.http1,
+        factory=True,
+        log_access=False,
+        backpressure=2048,
+    ).serve()
+
+
+def gateway(s: Settings) -> None:
+    _serve_http("ingest_gateway.app:create_app", s.gateway_host, s.gateway_port, s.gateway_workers)
+
+
+def api(s: Settings) -> None:
+    _serve_http("query_api.app:create_app", s.api_host, s.api_port, 1)
+
+
+def validator(s: Settings) -> None:
+    from stream_processors.validator import create_app
+
+    asyncio.run(create_app(s).run())
+
+
+def projector(s: Settings) -> None:
+    from projections.telemetry import TelemetryProjector
+
+    async def main() -> None:
+        p = TelemetryProjector(s)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, p.stopping.set)
+        await p.run()
+
+    asyncio.run(main())
+
+
+def simulator(s: Settings) -> None:
+    from microgrid.simulator import run_simulation
+
+    asyncio.run(run_simulation(s, devices=s.sim_devices, rate=s.sim_rate, duration=None))
+
+
+COMPONENTS: dict[str, Callable[[Settings], None]] = {
+    "gateway": gateway,
+    "validator": validator,
+    "projector": projector,
+    "api": api,
+}
+EXTRAS: dict[str, Callable[[Settings], None]] = {"simulator": simulator}
+
+
+def main(argv: list[str]) -> None:
+    name = argv[1]
+    s = get_settings()
+    configure_logging(name, s.log_level)
+    target = COMPONENTS.get(name) or EXTRAS[name]
+    try:
+        target(s)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,88 @@
+"""Kafka client factories and idempotent topic creation."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from contracts import Topics
+from microgrid.settings import Settings
+
+HOUR_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(s: Settings) -> list[TopicSpec]:
+    telemetry = {"retention.ms": str(s.telemetry_retention_hours * HOUR_MS)}
+    dlq = {"retention.ms": str(s.dlq_retention_hours * HOUR_MS)}
+    n = s.device_topic_partitions
+    return [
+        TopicSpec(s.topic(Topics.TELEMETRY_RAW), n, telemetry),
+        TopicSpec(s.topic(Topics.TELEMETRY_VALID), n, telemetry),
+        TopicSpec(s.topic(Topics.TELEMETRY_DLQ), n, dlq),
+    ]
+
+
+async def ensure_topics(s: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create missing topics; return the names created. Existing topics are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        for spec in topic_specs(s):
+            if spec.name in existing:
+                continue
+            try:
+                await admin.create_topics(
+                    [NewTopic(spec.name, spec.partitions, 1, topic_configs=spec.config)]
+                )
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+    return created
+
+
+async def delete_topics(s: Settings, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+def reliable_producer(s: Settings, **overrides: object) -> AIOKafkaProducer:
+    """Producer for data we answer for: acks=all, idempotent, batched with a short linger."""
+    options: dict[str, object] = {
+        "bootstrap_servers": s.kafka_bootstrap_servers,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": s.producer_linger_ms,
+        "max_batch_size": s.producer_max_batch_bytes,
+        "max_request_size": 4 * 1_048_576,
+        "compression_type": None,
+        "request_timeout_ms": 10_000,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)

@@ -1,0 +1,78 @@
+"""One settings object for every component, read from the environment (and `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    environment: str = Field("dev", description="dev | test | prod")
+    log_level: str = "INFO"
+
+    # Services
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    database_url: str = "postgresql://microgrid:microgrid@127.0.0.1:5432/microgrid"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Kafka layout
+    kafka_namespace: str = Field("", description="prefix for topic names and group ids")
+    device_topic_partitions: int = Field(12, ge=1)
+    telemetry_retention_hours: int = Field(168, ge=1)
+    dlq_retention_hours: int = Field(720, ge=1)
+
+    # Ingest gateway
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    gateway_workers: int = Field(1, ge=1)
+    ingest_max_batch: int = Field(1000, ge=1)
+    ingest_max_body_bytes: int = Field(1_048_576, ge=1024)
+    ingest_ack_timeout_ms: int = Field(1000, ge=50)
+    ingest_max_inflight_readings: int = Field(100_000, ge=1)
+    ingest_key_cache_s: float = Field(30.0, ge=0)
+    producer_linger_ms: int = Field(5, ge=0)
+    producer_max_batch_bytes: int = Field(1_048_576, ge=16_384)
+
+    # Query API (and dashboard)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    public_origin: str = "http://127.0.0.1:8080"
+
+    # Validation window for reading timestamps
+    max_future_skew_s: int = Field(300, ge=0)
+    max_reading_age_s: int = Field(7 * 24 * 3600, ge=60)
+
+    # Stream processors and projections
+    validator_max_records: int = Field(500, ge=1)
+    projector_max_records: int = Field(2000, ge=1)
+
+    # Simulator run by `make dev`
+    sim_devices: int = Field(48, ge=1)
+    sim_rate: float = Field(1.0, gt=0, description="readings per second per device")
+
+    # Local stack (`microgrid stack`)
+    stack_dir: Path = PROJECT_ROOT / ".stack"
+    kafka_controller_port: int = 9093
+    kafka_heap: str = "1g"
+
+    def topic(self, name: str) -> str:
+        return f"{self.kafka_namespace}{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.kafka_namespace}{name}"
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Projection consumers that materialize PostgreSQL read models from the log."""

@@ -1,0 +1,1 @@
+"""Query API (Litestar, port 8080): read models over HTTP."""

@@ -1,0 +1,60 @@
+"""Query API. For now: health and the device list with latest metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, get
+from litestar.datastructures import State
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from microgrid.http import exception_handlers, problem_details_plugin
+from microgrid.settings import Settings, get_settings
+
+DEVICES_SQL = """
+SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
+       l.ts AS latest_ts, l.voltage_v, l.current_a, l.frequency_hz, l.power_kw, l.soc_pct,
+       l.temperature_c
+FROM devices d LEFT JOIN device_latest l USING (device_id)
+ORDER BY d.device_id
+LIMIT 1000
+"""
+
+
+@get("/api/v1/devices")
+async def list_devices(state: State) -> dict[str, Any]:
+    pool: AsyncConnectionPool = state.pool
+    async with pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(DEVICES_SQL)
+        items = await cur.fetchall()
+    return {"items": items, "next_cursor": None}
+
+
+@get("/healthz", sync_to_thread=False)
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    s = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=8, open=False)
+        await pool.open()
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    return Litestar(
+        route_handlers=[list_devices, healthz],
+        lifespan=[lifespan],
+        plugins=[problem_details_plugin()],
+        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+    )

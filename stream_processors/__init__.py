@@ -1,0 +1,1 @@
+"""FastStream processors, each its own consumer group: validator (and more to come)."""

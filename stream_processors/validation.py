@@ -1,0 +1,60 @@
+"""Pure core of the validator: one `telemetry.raw` record in, a verdict out. No I/O."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+from contracts import Reading, ReadingBatch, TimeWindow, check_time_window
+
+_reading = msgspec.json.Decoder(Reading)
+_batch = msgspec.json.Decoder(ReadingBatch)
+_encode = msgspec.json.Encoder().encode
+
+
+class Valid(msgspec.Struct, frozen=True):
+    device_id: str
+    value: bytes  # a normalized ReadingBatch, JSON
+    count: int
+
+
+class Invalid(msgspec.Struct, frozen=True):
+    reason: str
+
+
+def decode_readings(value: bytes) -> list[Reading]:
+    """Decode a record holding one reading or a batch; raises msgspec errors."""
+    if b'"readings"' in value:
+        try:
+            return _batch.decode(value).readings
+        except msgspec.ValidationError:
+            try:
+                return [_reading.decode(value)]
+            except msgspec.MsgspecError:
+                pass
+            raise
+    return [_reading.decode(value)]
+
+
+def validate_record(
+    key: bytes | None, value: bytes | None, now: datetime, window: TimeWindow
+) -> Valid | Invalid:
+    if not value:
+        return Invalid("empty record value")
+    try:
+        readings = decode_readings(value)
+    except msgspec.DecodeError as exc:
+        return Invalid(f"malformed JSON: {exc}")
+    except msgspec.ValidationError as exc:
+        return Invalid(f"invalid reading: {exc}")
+    device_id = readings[0].device_id
+    if any(r.device_id != device_id for r in readings):
+        return Invalid("readings of several devices in one record: send one record per device")
+    if key is not None and key != device_id.encode():
+        return Invalid(f"record key {key!r} is not the readings' device id {device_id!r}")
+    for i, r in enumerate(readings):
+        reason = check_time_window(r, now, window)
+        if reason:
+            return Invalid(f"readings[{i}]: {reason}")
+    return Valid(device_id, _encode(ReadingBatch(readings=readings)), len(readings))
