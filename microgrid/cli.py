@@ -170,3 +170,7 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     logging.captureWarnings(True)
     app()
+
+
+if __name__ == "__main__":
+    main()

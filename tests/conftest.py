@@ -1,0 +1,154 @@
+"""Session fixtures: the real local stack (Kafka, PostgreSQL, Redis), an isolated database and
+topic namespace per session, and the platform's components as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+import pytest
+
+from ingest_gateway.keys import create_key
+from microgrid.db import migrate
+from microgrid.kafka import delete_topics, ensure_topics, topic_specs
+from microgrid.settings import PROJECT_ROOT, Settings
+
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that stop the broker run last, so they cannot disturb the others.
+    items.sort(key=lambda item: item.get_closest_marker("broker_outage") is not None)
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def stack(base_settings: Settings) -> Iterator[Settings]:
+    """Start the local stack (idempotent) and make an isolated database and topic namespace."""
+    subprocess.run(
+        [sys.executable, "-m", "microgrid.cli", "stack", "up"], check=True, cwd=PROJECT_ROOT
+    )
+    url = urlsplit(base_settings.database_url)
+    test_db = f"microgrid_test_{RUN_ID}"
+    with psycopg.connect(base_settings.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{test_db}"')
+    env = {
+        "DATABASE_URL": urlunsplit(url._replace(path=f"/{test_db}")),
+        "KAFKA_NAMESPACE": f"test-{RUN_ID}.",
+        "GATEWAY_PORT": str(free_port()),
+        "API_PORT": str(free_port()),
+        "ENVIRONMENT": "test",
+        "DEVICE_TOPIC_PARTITIONS": "4",
+    }
+    os.environ.update(env)
+    s = Settings()
+    migrate(s)
+    asyncio.run(ensure_topics(s))
+    yield s
+    asyncio.run(delete_topics(s, [t.name for t in topic_specs(s)]))
+    with psycopg.connect(base_settings.database_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{test_db}" WITH (FORCE)')
+
+
+class Components:
+    """The platform's components as real processes, so tests can kill and restart them."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.s = settings
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str) -> None:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "microgrid.components", name],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
+            env=os.environ.copy(),
+        )
+        if name == "gateway":
+            wait_for(self.gateway_healthy, 30, "gateway /healthz")
+
+    def gateway_healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.gateway_url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.s.gateway_port}"
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+
+@pytest.fixture(scope="session")
+def platform(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Components]:
+    components = Components(stack, tmp_path_factory.mktemp("logs"))
+    for name in ("validator", "projector", "gateway"):
+        components.start(name)
+    yield components
+    components.stop_all()
+
+
+@pytest.fixture()
+def db(stack: Settings) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture()
+def site() -> str:
+    return f"site-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def device_key(db: psycopg.Connection, site: str) -> str:
+    return create_key(db, site)

@@ -1,0 +1,45 @@
+"""With the broker down the gateway refuses quickly (503, Retry-After) and recovers after."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import psycopg
+import pytest
+
+from microgrid.settings import Settings
+from microgrid.stack import Kafka
+from tests.conftest import Components, wait_for
+from tests.support import new_device, reading, stored_count
+
+
+@pytest.mark.broker_outage
+def test_gateway_answers_503_while_broker_is_down_and_recovers(
+    platform: Components, db: psycopg.Connection, stack: Settings, site: str, device_key: str
+) -> None:
+    kafka = Kafka(stack)
+    if kafka.status().pid is None:
+        pytest.skip("Kafka was not started by this stack; not stopping someone else's broker")
+    url = f"{platform.gateway_url}/api/v1/telemetry"
+    headers = {"Authorization": f"Bearer {device_key}"}
+    kafka.down()
+    try:
+        refused = new_device()
+        started = time.monotonic()
+        r = httpx.post(url, headers=headers, json=reading(refused, site), timeout=10)
+        elapsed = time.monotonic() - started
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"].isdigit()
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert elapsed < 2.5
+    finally:
+        kafka.up()
+    device = new_device()
+
+    def accepted() -> bool:
+        resp = httpx.post(url, headers=headers, json=reading(device, site), timeout=10)
+        return resp.status_code == 202
+
+    wait_for(accepted, 90, what="gateway to accept again")
+    wait_for(lambda: stored_count(db, [device])[0] >= 1, 60, what="reading after recovery")

@@ -1,0 +1,110 @@
+"""HTTP ingest through Kafka into PostgreSQL, and every refusal the gateway owes a client."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import Components, wait_for
+from tests.support import new_device, reading, stored_count
+
+
+def post(platform: Components, path: str, key: str | None, **kw: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{platform.gateway_url}{path}", headers=headers, timeout=10, **kw)
+
+
+def test_single_reading_is_stored_exactly_once(
+    platform: Components, db: psycopg.Connection, site: str, device_key: str
+) -> None:
+    device = new_device()
+    r = post(platform, "/api/v1/telemetry", device_key, json=reading(device, site, seq=7))
+    assert r.status_code == 202
+    assert r.json() == {"accepted": 1}
+    wait_for(lambda: stored_count(db, [device]) == (1, 1), what="reading in PostgreSQL")
+    latest = db.execute(
+        "SELECT site_id, soc_pct, seq FROM device_latest WHERE device_id = %s", (device,)
+    ).fetchone()
+    assert latest == (site, 50.0, 7)
+    registered = db.execute(
+        "SELECT site_id, device_type FROM devices WHERE device_id = %s", (device,)
+    ).fetchone()
+    assert registered == (site, "battery")
+
+
+def test_batch_of_many_devices_is_stored_exactly_once(
+    platform: Components, db: psycopg.Connection, site: str, device_key: str
+) -> None:
+    devices = [new_device() for _ in range(5)]
+    batch = [reading(d, site, seq=i) for i in range(60) for d in devices]
+    r = post(platform, "/api/v1/telemetry/batch", device_key, json={"readings": batch})
+    assert r.status_code == 202
+    assert r.json() == {"accepted": 300}
+    wait_for(lambda: stored_count(db, devices) == (300, 300), what="batch in PostgreSQL")
+    latest = db.execute(
+        "SELECT count(*), min(seq), max(seq) FROM device_latest WHERE device_id = ANY(%s)",
+        (devices,),
+    ).fetchone()
+    assert latest == (5, 59, 59)
+
+
+def _refused_cases(site: str, device: str) -> list[tuple[str, str, dict, int, str]]:
+    good = reading(device, site)
+    future = reading(device, site, ts=(datetime.now(UTC) + timedelta(days=2)).isoformat())
+    return [
+        ("no key", "/api/v1/telemetry", {"json": good}, 401, "Missing device key"),
+        ("bad key", "/api/v1/telemetry", {"json": good}, 401, "Invalid device key"),
+        ("other site", "/api/v1/telemetry", {"json": reading(device, "elsewhere")}, 403, "Site"),
+        ("malformed", "/api/v1/telemetry", {"content": b'{"device_id": '}, 400, "Malformed"),
+        ("wrong type", "/api/v1/telemetry", {"json": {**good, "soc_pct": "full"}}, 422, "soc_pct"),
+        ("out of range", "/api/v1/telemetry", {"json": {**good, "soc_pct": 140}}, 422, "soc_pct"),
+        ("unknown type", "/api/v1/telemetry", {"json": {**good, "device_type": "x"}}, 422, "type"),
+        ("missing field", "/api/v1/telemetry", {"json": {"device_id": device}}, 422, "site_id"),
+        ("future ts", "/api/v1/telemetry", {"json": future}, 422, "future"),
+        ("empty batch", "/api/v1/telemetry/batch", {"json": {"readings": []}}, 422, "readings"),
+        (
+            "batch too big",
+            "/api/v1/telemetry/batch",
+            {"json": {"readings": [good] * 1001}},
+            422,
+            "at most 1000",
+        ),
+        (
+            "one bad in batch",
+            "/api/v1/telemetry/batch",
+            {"json": {"readings": [good, {**good, "voltage_v": -5}]}},
+            422,
+            "readings[1].voltage_v",
+        ),
+        ("body too large", "/api/v1/telemetry/batch", {"content": b" " * 2_000_000}, 413, ""),
+    ]
+
+
+def test_bad_input_is_refused_with_problem_details_and_nothing_is_stored(
+    platform: Components, db: psycopg.Connection, site: str, device_key: str
+) -> None:
+    device = new_device()
+    for name, path, kw, status, needle in _refused_cases(site, device):
+        key = None if name == "no key" else "mgk_forged" if name == "bad key" else device_key
+        r = post(platform, path, key, **kw)
+        assert r.status_code == status, (name, r.text)
+        if status != 413:
+            assert r.headers["content-type"].startswith("application/problem+json"), name
+            assert needle in r.text, (name, r.text)
+        if status == 401:
+            assert "Bearer" in r.headers["www-authenticate"]
+    # A good reading sent afterwards is stored, while nothing refused before it was.
+    marker = new_device()
+    assert post(platform, "/api/v1/telemetry", device_key, json=reading(marker, site)).status_code == 202
+    wait_for(lambda: stored_count(db, [marker]) == (1, 1), what="marker reading")
+    assert stored_count(db, [device]) == (0, 0)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/telemetry", "/api/v1/telemetry/batch"])
+def test_unknown_route_and_method_use_problem_details(platform: Components, path: str) -> None:
+    r = httpx.get(f"{platform.gateway_url}{path}", timeout=5)
+    assert r.status_code == 405
+    assert r.headers["content-type"].startswith("application/problem+json")
