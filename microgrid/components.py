@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Callable
@@ -59,7 +60,17 @@ def projector(s: Settings) -> None:
 def simulator(s: Settings) -> None:
     from microgrid.simulator import run_simulation
 
-    asyncio.run(run_simulation(s, devices=s.sim_devices, rate=s.sim_rate, duration=None))
+    async def main() -> None:
+        task = asyncio.create_task(
+            run_simulation(s, devices=s.sim_devices, rate=s.sim_rate, duration=None)
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
 
 
 COMPONENTS: dict[str, Callable[[Settings], None]] = {
@@ -76,10 +87,8 @@ def main(argv: list[str]) -> None:
     s = get_settings()
     configure_logging(name, s.log_level)
     target = COMPONENTS.get(name) or EXTRAS[name]
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         target(s)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

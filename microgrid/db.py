@@ -14,7 +14,7 @@ MIGRATION_LOCK = 0x6D6967726964  # advisory lock id: one migrator at a time
 
 def migration_files() -> list[tuple[str, str]]:
     folder = resources.files("microgrid") / "migrations"
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".sql"))
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name.removesuffix(".sql"), p.read_text()) for p in files]
 
 

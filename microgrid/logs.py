@@ -18,3 +18,4 @@ def configure_logging(component: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     logging.getLogger("faststream").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -6,8 +6,8 @@ State lives under `settings.stack_dir`; `down` stops only processes whose pid fi
 from __future__ import annotations
 
 import base64
-import hashlib
 import glob
+import hashlib
 import os
 import shutil
 import signal
@@ -100,7 +100,9 @@ class Kafka:
 
     def _check_prerequisites(self) -> None:
         if shutil.which("java") is None:
-            raise StackError("java not found: install a Java 17 runtime (apt-get install default-jre)")
+            raise StackError(
+                "java not found: install a Java 17 runtime (apt-get install default-jre)"
+            )
         if not glob.glob(str(self.libs / "kafka_2.13-*.jar")):
             raise StackError(f"Kafka jars not found in {self.libs}: run `make setup` first")
 
@@ -210,7 +212,9 @@ def _pg_bindir() -> Path:
     found = shutil.which("initdb")
     if found:
         return Path(found).parent
-    raise StackError("PostgreSQL server binaries not found: install them (apt-get install postgresql)")
+    raise StackError(
+        "PostgreSQL server binaries not found: install them (apt-get install postgresql)"
+    )
 
 
 def _postgres_home(stack_dir: Path) -> Path:
@@ -247,7 +251,7 @@ class Postgres:
         # PostgreSQL refuses to run as root: run it as the `postgres` user then.
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        return subprocess.run(cmd, check=True, capture_output=True, **kw)  # type: ignore[call-overload, no-any-return]
+        return subprocess.run(cmd, check=True, capture_output=True, **kw)  # type: ignore[call-overload]
 
     def _chown(self) -> None:
         if os.geteuid() != 0:
@@ -311,8 +315,19 @@ class Postgres:
         )
         try:
             self._as_owner(
-                [str(bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
-                 "-w", "-t", "60", "start"]
+                [
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.log),
+                    "-o",
+                    opts,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
             )
         except subprocess.CalledProcessError as exc:
             tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
@@ -321,8 +336,21 @@ class Postgres:
 
     def _psql(self, sql: str, db: str = "postgres") -> str:
         out = self._as_owner(
-            ["psql", "-h", str(self.run_dir), "-p", str(self.port), "-U", "postgres", "-d", db,
-             "-v", "ON_ERROR_STOP=1", "-tAc", sql]
+            [
+                "psql",
+                "-h",
+                str(self.run_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-tAc",
+                sql,
+            ]
         )
         return out.stdout.decode().strip()
 
@@ -361,12 +389,32 @@ class Redis:
             return
         exe = shutil.which("redis-server")
         if exe is None:
-            raise StackError("redis-server not found: run `make setup` (apt-get install redis-server)")
+            raise StackError(
+                "redis-server not found: run `make setup` (apt-get install redis-server)"
+            )
         self.home.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.home),
-             "--daemonize", "yes", "--pidfile", str(self.pidfile), "--logfile", str(self.log),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.home),
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(self.pidfile),
+                "--logfile",
+                str(self.log),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+            ],
             check=True,
             capture_output=True,
         )

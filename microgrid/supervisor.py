@@ -6,6 +6,7 @@ its consumer group, and is killed only if it has not exited within the grace per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -68,7 +69,7 @@ class Supervisor:
                 child.start()
             return
         code = child.proc.poll()
-        if code is None:
+        if code is None or self.stopping:
             if child.restarts and now - child.started_at > HEALTHY_AFTER_S:
                 child.restarts = 0
             return
@@ -76,7 +77,10 @@ class Supervisor:
         child.restarts += 1
         log.error(
             "%s exited with code %s; restarting in %.0fs (restart #%d)",
-            child.name, code, backoff, child.restarts,
+            child.name,
+            code,
+            backoff,
+            child.restarts,
         )
         child.proc = None
         child.next_start = now + backoff
@@ -84,10 +88,8 @@ class Supervisor:
     def _stop_all(self) -> None:
         running = [c.proc for c in self.children if c.proc and c.proc.poll() is None]
         for proc in running:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + GRACE_S
         for proc in running:
             try:

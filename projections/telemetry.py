@@ -90,7 +90,9 @@ class TelemetryProjector:
             else:
                 await self.consumer.seek_to_beginning(tp)
 
-    async def project(self, polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+    async def project(
+        self, polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> None:
         assert self.conn is not None
         readings: list[Reading] = []
         moves: list[tuple[int, int, store.Position]] = []
@@ -143,7 +145,7 @@ class _Fenced(RuntimeError):
         super().__init__(f"partition {partition} was projected by another consumer; resyncing")
 
 
-class _StoredPositions(ConsumerRebalanceListener):  # type: ignore[misc]
+class _StoredPositions(ConsumerRebalanceListener):
     def __init__(self, projector: TelemetryProjector) -> None:
         self.p = projector
 

@@ -88,13 +88,22 @@ async def ensure_partitions(conn: psycopg.AsyncConnection, days: set[date]) -> N
 
 
 async def write_readings(conn: psycopg.AsyncConnection, readings: list[Reading]) -> None:
-    async with conn.cursor() as cur:
-        async with cur.copy(f"COPY telemetry_readings ({READING_COLUMNS}) FROM STDIN") as copy:
-            for r in readings:
-                await copy.write_row(
-                    (r.device_id, r.ts, r.seq, r.voltage_v, r.current_a, r.frequency_hz,
-                     r.power_kw, r.soc_pct, r.temperature_c)
+    sql = f"COPY telemetry_readings ({READING_COLUMNS}) FROM STDIN"
+    async with conn.cursor() as cur, cur.copy(sql) as copy:
+        for r in readings:
+            await copy.write_row(
+                (
+                    r.device_id,
+                    r.ts,
+                    r.seq,
+                    r.voltage_v,
+                    r.current_a,
+                    r.frequency_hz,
+                    r.power_kw,
+                    r.soc_pct,
+                    r.temperature_c,
                 )
+            )
 
 
 async def upsert_devices(conn: psycopg.AsyncConnection, readings: list[Reading]) -> None:
@@ -111,13 +120,27 @@ async def upsert_devices(conn: psycopg.AsyncConnection, readings: list[Reading])
     rows = [latest[d] for d in ids]
     await conn.execute(
         UPSERT_DEVICES,
-        (ids, [r.site_id for r in rows], [r.device_type for r in rows],
-         [first[d].ts for d in ids], [r.ts for r in rows]),
+        (
+            ids,
+            [r.site_id for r in rows],
+            [r.device_type for r in rows],
+            [first[d].ts for d in ids],
+            [r.ts for r in rows],
+        ),
     )
     await conn.execute(
         UPSERT_LATEST,
-        ([r.site_id for r in rows], [r.device_type for r in rows], ids, [r.ts for r in rows],
-         [r.seq for r in rows], [r.voltage_v for r in rows], [r.current_a for r in rows],
-         [r.frequency_hz for r in rows], [r.power_kw for r in rows], [r.soc_pct for r in rows],
-         [r.temperature_c for r in rows]),
+        (
+            [r.site_id for r in rows],
+            [r.device_type for r in rows],
+            ids,
+            [r.ts for r in rows],
+            [r.seq for r in rows],
+            [r.voltage_v for r in rows],
+            [r.current_a for r in rows],
+            [r.frequency_hz for r in rows],
+            [r.power_kw for r in rows],
+            [r.soc_pct for r in rows],
+            [r.temperature_c for r in rows],
+        ),
     )

@@ -1,4 +1,4 @@
-"""Query API. For now: health and the device list with latest metrics."""
+"""Query API: health, the device list with latest metrics, and the dashboard page."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from typing import Any
 
 from litestar import Litestar, get
 from litestar.datastructures import State
+from litestar.static_files import create_static_files_router
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from microgrid.http import exception_handlers, problem_details_plugin
 from microgrid.settings import Settings, get_settings
+from ui import STATIC_DIR
 
 DEVICES_SQL = """
 SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
@@ -53,7 +55,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await pool.close()
 
     return Litestar(
-        route_handlers=[list_devices, healthz],
+        route_handlers=[
+            list_devices,
+            healthz,
+            create_static_files_router(path="/", directories=[STATIC_DIR], html_mode=True),
+        ],
         lifespan=[lifespan],
         plugins=[problem_details_plugin()],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]

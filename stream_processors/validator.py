@@ -59,7 +59,7 @@ def create_app(s: Settings) -> FastStream:
         decoder=_records,
     )
     async def validate_raw_records(body: Any, msg: KafkaMessage) -> None:
-        records: tuple[ConsumerRecord[bytes, bytes], ...] = msg.raw_message  # type: ignore[assignment]
+        records: tuple[ConsumerRecord[bytes, bytes], ...] = msg.raw_message
         now = datetime.now(UTC)
         pending = []
         for rec in records:
@@ -81,7 +81,10 @@ def create_app(s: Settings) -> FastStream:
             else:
                 counts["dlq"] += 1
                 log.warning(
-                    "dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset,
+                    "dead-lettered %s[%d]@%d: %s",
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
                     verdict.reason,
                 )
                 pending.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import psycopg
@@ -12,7 +13,7 @@ from tests.conftest import Components, wait_for
 from tests.support import new_device, reading, stored_count
 
 
-def post(platform: Components, path: str, key: str | None, **kw: object) -> httpx.Response:
+def post(platform: Components, path: str, key: str | None, **kw: Any) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(f"{platform.gateway_url}{path}", headers=headers, timeout=10, **kw)
 
@@ -98,7 +99,10 @@ def test_bad_input_is_refused_with_problem_details_and_nothing_is_stored(
             assert "Bearer" in r.headers["www-authenticate"]
     # A good reading sent afterwards is stored, while nothing refused before it was.
     marker = new_device()
-    assert post(platform, "/api/v1/telemetry", device_key, json=reading(marker, site)).status_code == 202
+    assert (
+        post(platform, "/api/v1/telemetry", device_key, json=reading(marker, site)).status_code
+        == 202
+    )
     wait_for(lambda: stored_count(db, [marker]) == (1, 1), what="marker reading")
     assert stored_count(db, [device]) == (0, 0)
 

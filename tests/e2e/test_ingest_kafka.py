@@ -6,10 +6,11 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Sequence
 
 import msgspec
 import psycopg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from contracts import Headers, Topics
 from microgrid.settings import Settings
@@ -17,7 +18,7 @@ from tests.conftest import Components, wait_for
 from tests.support import new_device, reading, stored_count
 
 
-async def produce(s: Settings, records: list[tuple[bytes | None, bytes]]) -> None:
+async def produce(s: Settings, records: Sequence[tuple[bytes | None, bytes]]) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=s.kafka_bootstrap_servers, acks="all", enable_idempotence=True
     )
@@ -32,7 +33,9 @@ async def produce(s: Settings, records: list[tuple[bytes | None, bytes]]) -> Non
         await producer.stop()
 
 
-async def dead_letters(s: Settings, key: bytes, want: int, timeout: float = 30) -> list:
+async def dead_letters(
+    s: Settings, key: bytes, want: int, wait_s: float = 30
+) -> list[ConsumerRecord[bytes, bytes]]:
     consumer = AIOKafkaConsumer(
         s.topic(Topics.TELEMETRY_DLQ),
         bootstrap_servers=s.kafka_bootstrap_servers,
@@ -40,9 +43,9 @@ async def dead_letters(s: Settings, key: bytes, want: int, timeout: float = 30) 
         group_id=f"test-dlq-{uuid.uuid4().hex[:6]}",
     )
     await consumer.start()
-    found = []
+    found: list[ConsumerRecord[bytes, bytes]] = []
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         while len(found) < want and time.monotonic() < deadline:
             polled = await consumer.getmany(timeout_ms=500)
             found += [r for recs in polled.values() for r in recs if r.key == key]
@@ -82,7 +85,9 @@ def test_garbage_goes_to_dlq_with_reason_and_partition_keeps_flowing(
         json.dumps(reading(device, "s", ts="1999-01-01T00:00:00Z")).encode(),
     ]
     asyncio.run(
-        produce(stack, [(key, g) for g in garbage] + [(key, json.dumps(reading(device, "s")).encode())])
+        produce(
+            stack, [(key, g) for g in garbage] + [(key, json.dumps(reading(device, "s")).encode())]
+        )
     )
     wait_for(lambda: stored_count(db, [device]) == (1, 1), what="good record after garbage")
     letters = asyncio.run(dead_letters(stack, key, want=4))
@@ -108,7 +113,9 @@ def _stream(s: Settings, devices: list[str], records_per_device: int, per_record
         for i in range(records_per_device):
             records = []
             for d in devices:
-                batch = [reading(d, "site-crash", seq=i * per_record + j) for j in range(per_record)]
+                batch = [
+                    reading(d, "site-crash", seq=i * per_record + j) for j in range(per_record)
+                ]
                 records.append((d.encode(), msgspec.json.encode({"readings": batch})))
                 sent += per_record
             await produce(s, records)

@@ -72,7 +72,10 @@ def test_arbitrary_bytes_never_raise(value: bytes) -> None:
     assert isinstance(validate_record(b"k", value, NOW, WINDOW), (Valid, Invalid))
 
 
-@given(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(["soc_pct", "frequency_hz", "voltage_v"]))
+@given(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(["soc_pct", "frequency_hz", "voltage_v"]),
+)
 def test_physical_ranges_are_enforced_at_decode(value: float, metric: str) -> None:
     limits = {"soc_pct": (0, 100), "frequency_hz": (40, 70), "voltage_v": (0, 50_000)}
     low, high = limits[metric]
