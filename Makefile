@@ -51,7 +51,7 @@ test: setup
 check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy contracts ingest_gateway stream_processors projections query_api microgrid ui tests
+	$(BIN)/mypy contracts ingest_gateway stream_processors projections query_api microgrid ui benchmarks tests
 
 stack-up: setup
 	$(BIN)/microgrid stack up

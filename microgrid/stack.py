@@ -418,7 +418,12 @@ class Redis:
             check=True,
             capture_output=True,
         )
-        _wait_for(lambda: port_open(self.port), 20, "Redis", self.log)
+        _wait_for(
+            lambda: port_open(self.port) and _read_pid(self.pidfile) is not None,
+            20,
+            "Redis",
+            self.log,
+        )
 
     def down(self) -> None:
         pid = _read_pid(self.pidfile)
