@@ -14,13 +14,13 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 from aiokafka.errors import KafkaError
-from litestar import Litestar, Request, get, post
+from litestar import Litestar, Request, post
 from litestar.datastructures import State
 from psycopg_pool import AsyncConnectionPool
 
 from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
 from ingest_gateway.keys import KeyStore
-from microgrid.http import exception_handlers, problem, problem_details_plugin
+from microgrid.http import exception_handlers, healthz, problem, problem_details_plugin
 from microgrid.kafka import reliable_producer
 from microgrid.settings import Settings, get_settings
 
@@ -158,11 +158,6 @@ async def ingest_batch(request: Request[object, object, State], state: State) ->
     gw.check(batch.readings, site)
     await gw.publish(batch.readings)
     return Accepted(accepted=len(batch.readings))
-
-
-@get("/healthz", sync_to_thread=False)
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 def create_app(settings: Settings | None = None) -> Litestar:

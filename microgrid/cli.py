@@ -6,11 +6,11 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
-from microgrid.settings import get_settings
+from microgrid.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="Local Kafka, PostgreSQL and Redis.")
@@ -19,7 +19,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(keys_app, name="keys")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
@@ -27,7 +27,6 @@ def _fail(message: str) -> None:
 @stack_app.command("up")
 def stack_up() -> None:
     """Start Kafka, PostgreSQL and Redis (idempotent) and create the topics."""
-    from microgrid.kafka import ensure_topics
     from microgrid.stack import StackError, services
 
     s = get_settings()
@@ -38,7 +37,7 @@ def stack_up() -> None:
             _fail(f"{svc.name}: {exc}")
         st = svc.status()
         typer.echo(f"{st.name:<9} up on 127.0.0.1:{st.port} ({st.detail})")
-    created = asyncio.run(ensure_topics(s))
+    created = _ensure_topics(s)
     if created:
         typer.echo(f"topics created: {', '.join(created)}")
 
@@ -71,9 +70,14 @@ def stack_status() -> None:
 @app.command()
 def migrate() -> None:
     """Apply pending SQL migrations (idempotent)."""
+    import psycopg
+
     from microgrid.db import migrate as apply
 
-    applied = apply(get_settings())
+    try:
+        applied = apply(get_settings())
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach PostgreSQL ({exc}); is the stack up (`microgrid stack up`)?")
     typer.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
 
 
@@ -94,14 +98,24 @@ def run(
 
 
 def _supervise(names: list[str]) -> None:
-    from microgrid.kafka import ensure_topics
     from microgrid.logs import configure_logging
     from microgrid.supervisor import Supervisor
 
     s = get_settings()
     configure_logging("supervisor", s.log_level)
-    asyncio.run(ensure_topics(s))
+    _ensure_topics(s)
     raise typer.Exit(Supervisor(names).run())
+
+
+def _ensure_topics(s: Settings) -> list[str]:
+    from aiokafka.errors import KafkaError
+
+    from microgrid.kafka import ensure_topics
+
+    try:
+        return asyncio.run(ensure_topics(s))
+    except KafkaError as exc:
+        _fail(f"Kafka at {s.kafka_bootstrap_servers} is not usable ({exc!r}); is the stack up?")
 
 
 @app.command()

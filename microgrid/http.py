@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from litestar import Request, Response
+from litestar import Request, Response, get
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
@@ -42,3 +42,9 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
 
 
 exception_handlers = {Exception: _unexpected}
+
+
+@get("/healthz", sync_to_thread=False, include_in_schema=False)
+def healthz() -> dict[str, str]:
+    """The process is alive and serving."""
+    return {"status": "ok"}

@@ -62,6 +62,13 @@ def _read_pid(path: Path) -> int | None:
     return pid if _pid_alive(pid) else None
 
 
+def _status(name: str, port: int, pidfile: Path) -> ServiceStatus:
+    pid = _read_pid(pidfile)
+    up = port_open(port)
+    detail = "started by this stack" if pid else ("external" if up else "stopped")
+    return ServiceStatus(name, port, up, pid, detail)
+
+
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -167,10 +174,7 @@ class Kafka:
         ]
 
     def status(self) -> ServiceStatus:
-        pid = _read_pid(self.pidfile)
-        up = port_open(self.port)
-        detail = "started by this stack" if pid else ("external" if up else "stopped")
-        return ServiceStatus(self.name, self.port, up, pid, detail)
+        return _status(self.name, self.port, self.pidfile)
 
     def up(self) -> None:
         if _read_pid(self.pidfile) and port_open(self.port):
@@ -265,10 +269,7 @@ class Postgres:
                 os.chown(os.path.join(root, f), pw.pw_uid, pw.pw_gid)
 
     def status(self) -> ServiceStatus:
-        pid = _read_pid(self.data / "postmaster.pid")
-        up = port_open(self.port)
-        detail = "started by this stack" if pid else ("external" if up else "stopped")
-        return ServiceStatus(self.name, self.port, up, pid, detail)
+        return _status(self.name, self.port, self.data / "postmaster.pid")
 
     def up(self) -> None:
         if port_open(self.port):
@@ -379,10 +380,7 @@ class Redis:
         self.port = urlsplit(settings.redis_url).port or 6379
 
     def status(self) -> ServiceStatus:
-        pid = _read_pid(self.pidfile)
-        up = port_open(self.port)
-        detail = "started by this stack" if pid else ("external" if up else "stopped")
-        return ServiceStatus(self.name, self.port, up, pid, detail)
+        return _status(self.name, self.port, self.pidfile)
 
     def up(self) -> None:
         if port_open(self.port):

@@ -12,7 +12,7 @@ from litestar.static_files import create_static_files_router
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from microgrid.http import exception_handlers, problem_details_plugin
+from microgrid.http import exception_handlers, healthz, problem_details_plugin
 from microgrid.settings import Settings, get_settings
 from ui import STATIC_DIR
 
@@ -34,11 +34,6 @@ async def list_devices(state: State) -> dict[str, Any]:
         await cur.execute(DEVICES_SQL)
         items = await cur.fetchall()
     return {"items": items, "next_cursor": None}
-
-
-@get("/healthz", sync_to_thread=False)
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 def create_app(settings: Settings | None = None) -> Litestar:

@@ -91,27 +91,34 @@ class Components:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str) -> None:
-        log = (self.log_dir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
+    def start(self, name: str, alias: str | None = None, **env: str) -> None:
+        log = (self.log_dir / f"{alias or name}.log").open("ab")
+        self.procs[alias or name] = subprocess.Popen(
             [sys.executable, "-m", "microgrid.components", name],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=PROJECT_ROOT,
-            env=os.environ.copy(),
+            env={**os.environ, **env},
         )
         if name == "gateway":
-            wait_for(self.gateway_healthy, 30, "gateway /healthz")
+            url = f"http://127.0.0.1:{env.get('GATEWAY_PORT', self.s.gateway_port)}"
+            wait_for(lambda: self.healthy(url), 30, "gateway /healthz")
 
-    def gateway_healthy(self) -> bool:
+    @staticmethod
+    def healthy(url: str) -> bool:
         try:
-            return httpx.get(f"{self.gateway_url}/healthz", timeout=1).status_code == 200
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.s.gateway_port}"
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
 
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)

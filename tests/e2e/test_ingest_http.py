@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Components, wait_for
+from tests.conftest import Components, free_port, wait_for
 from tests.support import new_device, reading, stored_count
 
 
@@ -112,3 +113,42 @@ def test_unknown_route_and_method_use_problem_details(platform: Components, path
     r = httpx.get(f"{platform.gateway_url}{path}", timeout=5)
     assert r.status_code == 405
     assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_overload_is_shed_with_503_and_everything_accepted_is_stored(
+    platform: Components, db: psycopg.Connection, site: str, device_key: str
+) -> None:
+    port = free_port()
+    platform.start(
+        "gateway", alias="small-gateway", GATEWAY_PORT=str(port), INGEST_MAX_INFLIGHT_READINGS="100"
+    )
+    devices = [new_device() for _ in range(40)]
+    url = f"http://127.0.0.1:{port}/api/v1/telemetry/batch"
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        url,
+                        headers={"Authorization": f"Bearer {device_key}"},
+                        json={"readings": [reading(d, site, seq=i) for i in range(50)]},
+                    )
+                    for d in devices
+                )
+            )
+
+    try:
+        responses = asyncio.run(send_all())
+    finally:
+        platform.stop("small-gateway")
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {202, 503}
+    assert 202 in statuses and 503 in statuses, statuses
+    shed = [r for r in responses if r.status_code == 503]
+    assert all(r.headers["retry-after"].isdigit() for r in shed)
+    assert all("overloaded" in r.json()["title"] for r in shed)
+    accepted = [d for d, r in zip(devices, responses, strict=True) if r.status_code == 202]
+    wait_for(lambda: stored_count(db, accepted) == (50 * len(accepted),) * 2, what="accepted")
+    refused = [d for d, r in zip(devices, responses, strict=True) if r.status_code == 503]
+    assert stored_count(db, refused) == (0, 0)
