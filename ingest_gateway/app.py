@@ -20,7 +20,15 @@ from psycopg_pool import AsyncConnectionPool
 
 from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
 from ingest_gateway.keys import KeyStore
-from microgrid.http import exception_handlers, healthz, problem, problem_details_plugin
+from microgrid.http import (
+    MetricsController,
+    exception_handlers,
+    healthz,
+    openapi_config,
+    problem,
+    problem_details_plugin,
+    prometheus_config,
+)
 from microgrid.kafka import reliable_producer
 from microgrid.settings import Settings, get_settings
 
@@ -131,7 +139,7 @@ def _decode(body: bytes, kind: type[Reading] | type[ReadingBatch]) -> Reading | 
         raise problem(400, "Malformed JSON", str(exc)) from exc
 
 
-@post("/api/v1/telemetry", status_code=202)
+@post("/api/v1/telemetry", status_code=202, tags=["telemetry"])
 async def ingest_reading(request: Request[object, object, State], state: State) -> Accepted:
     gw: Gateway = state.gateway
     site = await gw.authenticate(request)
@@ -142,7 +150,7 @@ async def ingest_reading(request: Request[object, object, State], state: State) 
     return Accepted(accepted=1)
 
 
-@post("/api/v1/telemetry/batch", status_code=202)
+@post("/api/v1/telemetry/batch", status_code=202, tags=["telemetry"])
 async def ingest_batch(request: Request[object, object, State], state: State) -> Accepted:
     gw: Gateway = state.gateway
     site = await gw.authenticate(request)
@@ -178,12 +186,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await pool.close()
 
     return Litestar(
-        route_handlers=[ingest_reading, ingest_batch, healthz],
+        route_handlers=[ingest_reading, ingest_batch, healthz, MetricsController],
         lifespan=[lifespan],
+        middleware=[prometheus_config("ingest_gateway").middleware],
         plugins=[problem_details_plugin()],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         request_max_body_size=s.ingest_max_body_bytes,
-        openapi_config=None,
+        openapi_config=openapi_config(
+            "Microgrid ingest gateway",
+            "Devices send readings here with `Authorization: Bearer <device key>`. "
+            "202 means the readings are durably in the log.",
+        ),
     )
 
 

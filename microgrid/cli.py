@@ -15,8 +15,10 @@ from microgrid.settings import Settings, get_settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="Local Kafka, PostgreSQL and Redis.")
 keys_app = typer.Typer(no_args_is_help=True, help="Device ingest keys.")
+contracts_app = typer.Typer(no_args_is_help=True, help="OpenAPI and AsyncAPI documents.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(keys_app, name="keys")
+app.add_typer(contracts_app, name="contracts")
 
 
 def _fail(message: str) -> NoReturn:
@@ -159,6 +161,29 @@ def keys_create(site: Annotated[str, typer.Option(help="site the key may send fo
     except psycopg.OperationalError as exc:
         _fail(f"cannot reach PostgreSQL ({exc}); is the stack up (`microgrid stack up`)?")
     sys.stdout.write(key + "\n")
+
+
+@contracts_app.command("generate")
+def contracts_generate() -> None:
+    """Write the OpenAPI and AsyncAPI documents under contracts/ from the code."""
+    from microgrid.specs import generate
+
+    for path in generate():
+        typer.echo(f"wrote {path}")
+
+
+@contracts_app.command("check")
+def contracts_check() -> None:
+    """Fail when the committed documents differ from what the code generates."""
+    from microgrid.specs import drift
+
+    stale = drift()
+    for name, diff in stale.items():
+        typer.echo(diff, err=True)
+        typer.secho(f"{name} is out of date", fg=typer.colors.RED, err=True)
+    if stale:
+        _fail("run `microgrid contracts generate` and commit the result")
+    typer.echo("contracts are up to date")
 
 
 @app.command()

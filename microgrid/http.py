@@ -1,4 +1,5 @@
-"""The one HTTP error shape (RFC 9457 problem+json), shared by the gateway and the query API."""
+"""HTTP plumbing shared by the gateway and the query API: the one error shape (RFC 9457
+problem+json), health, Prometheus metrics, OpenAPI docs and CORS."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import logging
 from typing import Any
 
 from litestar import Request, Response, get
+from litestar.config.cors import CORSConfig
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
     ProblemDetailsPlugin,
 )
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 log = logging.getLogger("microgrid.http")
 
@@ -44,7 +49,38 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
 exception_handlers = {Exception: _unexpected}
 
 
-@get("/healthz", sync_to_thread=False, include_in_schema=False)
+@get("/healthz", sync_to_thread=False, include_in_schema=False, opt={"public": True})
 def healthz() -> dict[str, str]:
     """The process is alive and serving."""
     return {"status": "ok"}
+
+
+class MetricsController(PrometheusController):
+    """Prometheus text format: request counts and latency by route (Litestar's middleware)."""
+
+    opt = {"public": True}
+    include_in_schema = False
+
+
+def prometheus_config(app_name: str) -> PrometheusConfig:
+    return PrometheusConfig(
+        app_name=app_name, prefix="microgrid", group_path=True, exclude=["^/metrics$"]
+    )
+
+
+def openapi_config(title: str, description: str) -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title=title,
+        version="1",
+        description=description,
+        path="/docs",
+        render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+    )
+
+
+def cors_config(origin: str) -> CORSConfig:
+    return CORSConfig(
+        allow_origins=[origin],
+        allow_credentials=False,
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+    )

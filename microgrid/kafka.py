@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -77,6 +78,32 @@ async def delete_topics(s: Settings, names: list[str]) -> None:
         await admin.delete_topics(names)
     finally:
         await admin.close()
+
+
+class KafkaProbe:
+    """Answers whether the broker is reachable now, reusing one admin connection."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.admin: AIOKafkaAdminClient | None = None
+
+    async def __call__(self) -> None:
+        try:
+            if self.admin is None:
+                self.admin = AIOKafkaAdminClient(
+                    bootstrap_servers=self.s.kafka_bootstrap_servers, request_timeout_ms=2000
+                )
+                await self.admin.start()
+            await self.admin.describe_cluster()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        admin, self.admin = self.admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
 
 
 def reliable_producer(s: Settings, **overrides: object) -> AIOKafkaProducer:

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEV_TOKEN_SECRET = "dev-only-token-secret-do-not-use-in-production"
 
 
 class Settings(BaseSettings):
@@ -45,6 +46,24 @@ class Settings(BaseSettings):
     api_port: int = 8080
     public_origin: str = "http://127.0.0.1:8080"
 
+    # Query API authentication
+    auth_token_secret: str = Field(DEV_TOKEN_SECRET, description="HS256 key for access tokens")
+    auth_token_ttl_s: int = Field(3600, ge=60)
+    auth_admin_username: str = "admin"
+    auth_admin_password: str = "admin-dev-password"
+    auth_operator_username: str = "operator"
+    auth_operator_password: str = "operator-dev-password"
+    auth_viewer_username: str = "viewer"
+    auth_viewer_password: str = "viewer-dev-password"
+    login_max_failures: int = Field(5, ge=1, description="failed logins before a lockout")
+    login_lockout_s: int = Field(300, ge=1)
+    device_offline_after_s: int = Field(120, ge=1)
+
+    # Prometheus endpoints of the consumer processes (HTTP apps serve /metrics themselves)
+    metrics_host: str = "127.0.0.1"
+    validator_metrics_port: int = 9101
+    projector_metrics_port: int = 9102
+
     # Validation window for reading timestamps
     max_future_skew_s: int = Field(300, ge=0)
     max_reading_age_s: int = Field(7 * 24 * 3600, ge=60)
@@ -61,6 +80,10 @@ class Settings(BaseSettings):
     stack_dir: Path = PROJECT_ROOT / ".stack"
     kafka_controller_port: int = 9093
     kafka_heap: str = "1g"
+
+    @property
+    def is_dev(self) -> bool:
+        return self.environment in ("dev", "test")
 
     def topic(self, name: str) -> str:
         return f"{self.kafka_namespace}{name}"

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from contracts import Groups, Headers, Reading, ReadingBatch, Topics
+from microgrid.metrics import READINGS, RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from projections import telemetry_store as store
 
@@ -37,9 +38,10 @@ class TelemetryProjector:
     def __init__(self, s: Settings) -> None:
         self.s = s
         self.topic = s.topic(Topics.TELEMETRY_VALID)
+        self.group = s.group(Groups.TELEMETRY_PROJECTOR)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap_servers,
-            group_id=s.group(Groups.TELEMETRY_PROJECTOR),
+            group_id=self.group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1_048_576,
@@ -55,6 +57,8 @@ class TelemetryProjector:
 
     async def run(self) -> None:
         self.conn = await psycopg.AsyncConnection.connect(self.s.database_url)
+        serve_metrics(self.s, self.s.projector_metrics_port)
+        lag = asyncio.create_task(report_lag(self.s, self.group, self.topic))
         listener = _StoredPositions(self)
         self.consumer.subscribe([self.topic], listener=listener)
         await self.consumer.start()
@@ -73,6 +77,7 @@ class TelemetryProjector:
                     log.warning("%s", exc)
                     await self.load_positions(list(self.consumer.assignment()))
         finally:
+            lag.cancel()
             await self.consumer.stop()  # leaves the group
             await self.conn.close()
 
@@ -108,8 +113,10 @@ class TelemetryProjector:
                 src_o = _header(rec, Headers.SOURCE_OFFSET)
                 if src_p is not None and src_o is not None:
                     if int(src_o) <= marks.get(src_p, -1):
+                        RECORDS.labels(self.group, "duplicate").inc()
                         continue  # re-emitted by the validator after a restart
                     marks[src_p] = int(src_o)
+                RECORDS.labels(self.group, "stored").inc()
                 readings.extend(self.decoder.decode(rec.value or b"").readings)
             end = store.Position(records[-1].offset + 1, marks)
             moves.append((tp.partition, pos.next_offset, end))
@@ -131,6 +138,7 @@ class TelemetryProjector:
         for partition, _, new in moves:
             self.positions[partition] = new
         self.projected += len(readings)
+        READINGS.labels(self.group, "stored").inc(len(readings))
         # Kafka's committed offsets are informational (lag monitoring); PostgreSQL is the truth.
         try:
             await self.consumer.commit(

@@ -1,61 +1,97 @@
-"""Query API: health, the device list with latest metrics, and the dashboard page."""
+"""Query API (port 8080): read models, operator actions, operations endpoints, dashboard."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from litestar import Litestar, get
-from litestar.datastructures import State
+import psycopg
+from litestar import Litestar
 from litestar.static_files import create_static_files_router
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 
-from microgrid.http import exception_handlers, healthz, problem_details_plugin
+from microgrid.http import (
+    MetricsController,
+    cors_config,
+    exception_handlers,
+    healthz,
+    openapi_config,
+    problem_details_plugin,
+    prometheus_config,
+)
+from microgrid.kafka import KafkaProbe
 from microgrid.settings import Settings, get_settings
+from query_api.alerts import AlertController, NotificationController
+from query_api.auth import LoginThrottle, ensure_demo_users, jwt_auth, login
+from query_api.control import ControlCommandController
+from query_api.devices import DeviceController
+from query_api.ops import readyz
+from query_api.rules import AlertRuleController
 from ui import STATIC_DIR
 
-DEVICES_SQL = """
-SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
-       l.ts AS latest_ts, l.voltage_v, l.current_a, l.frequency_hz, l.power_kw, l.soc_pct,
-       l.temperature_c
-FROM devices d LEFT JOIN device_latest l USING (device_id)
-ORDER BY d.device_id
-LIMIT 1000
-"""
 
-
-@get("/api/v1/devices")
-async def list_devices(state: State) -> dict[str, Any]:
-    pool: AsyncConnectionPool = state.pool
-    async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(DEVICES_SQL)
-        items = await cur.fetchall()
-    return {"items": items, "next_cursor": None}
+def _seed_users(s: Settings) -> None:
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        ensure_demo_users(conn, s)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
     s = settings or get_settings()
+    auth = jwt_auth(s)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await asyncio.to_thread(_seed_users, s)
         pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=8, open=False)
         await pool.open()
-        app.state.pool = pool
+        redis = Redis.from_url(s.redis_url)
+        probe = KafkaProbe(s)
+        app.state.update(
+            settings=s,
+            pool=pool,
+            redis=redis,
+            kafka_probe=probe,
+            jwt_auth=auth,
+            login_throttle=LoginThrottle(redis, s.login_max_failures, s.login_lockout_s),
+        )
         try:
             yield
         finally:
+            await probe.close()
+            await redis.aclose()
             await pool.close()
 
+    prometheus = prometheus_config("query_api")
     return Litestar(
         route_handlers=[
-            list_devices,
+            login,
+            DeviceController,
+            AlertController,
+            NotificationController,
+            ControlCommandController,
+            AlertRuleController,
             healthz,
-            create_static_files_router(path="/", directories=[STATIC_DIR], html_mode=True),
+            readyz,
+            MetricsController,
+            create_static_files_router(
+                path="/",
+                directories=[STATIC_DIR],
+                html_mode=True,
+                opt={"public": True},
+                include_in_schema=False,
+            ),
         ],
         lifespan=[lifespan],
+        on_app_init=[auth.on_app_init],
+        middleware=[prometheus.middleware],
         plugins=[problem_details_plugin()],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        cors_config=cors_config(s.public_origin),
+        openapi_config=openapi_config(
+            "Microgrid query API",
+            "Devices, readings, alerts, notifications, control commands and alert rules. "
+            "Log in with POST /api/v1/auth/login and send `Authorization: Bearer <token>`.",
+        ),
     )

@@ -20,6 +20,7 @@ from faststream.message import StreamMessage
 
 from contracts import Groups, Headers, TimeWindow, Topics
 from microgrid.kafka import reliable_producer
+from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from stream_processors.validation import Valid, validate_record
 
@@ -35,7 +36,9 @@ class RecordRouter:
 
     def __init__(self, s: Settings) -> None:
         self.s = s
+        self.group = s.group(Groups.VALIDATOR)
         self.producer: AIOKafkaProducer | None = None
+        self.lag_task: asyncio.Task[None] | None = None
         self.valid = s.topic(Topics.TELEMETRY_VALID)
         self.dlq = s.topic(Topics.TELEMETRY_DLQ)
         self.window = TimeWindow(
@@ -47,8 +50,13 @@ class RecordRouter:
         # aiokafka binds a producer to the running loop: make it once the app's loop runs.
         self.producer = reliable_producer(self.s, client_id="microgrid-validator-out")
         await self.producer.start()
+        serve_metrics(self.s, self.s.validator_metrics_port)
+        raw = self.s.topic(Topics.TELEMETRY_RAW)
+        self.lag_task = asyncio.create_task(report_lag(self.s, self.group, raw))
 
     async def stop(self) -> None:
+        if self.lag_task is not None:
+            self.lag_task.cancel()
         if self.producer is not None:
             await self.producer.stop()  # flushes what is buffered
 
@@ -82,6 +90,7 @@ class RecordRouter:
                 ]
                 fut = await self.producer.send(self.dlq, rec.value, key=rec.key, headers=headers)
             pending.append(fut)
+            RECORDS.labels(self.group, "valid" if isinstance(verdict, Valid) else "dlq").inc()
         await asyncio.gather(*pending)
 
 
@@ -95,7 +104,7 @@ def create_app(s: Settings) -> FastStream:
 
     @broker.subscriber(
         s.topic(Topics.TELEMETRY_RAW),
-        group_id=s.group(Groups.VALIDATOR),
+        group_id=router.group,
         batch=True,
         max_records=s.validator_max_records,
         batch_timeout_ms=50,
@@ -104,8 +113,21 @@ def create_app(s: Settings) -> FastStream:
         decoder=_records,
     )
     async def validate_raw_records(body: Any, msg: KafkaMessage) -> None:
+        """Readings as sent by devices: one reading, or a batch of one device's readings."""
         await router.route(msg.raw_message)
 
+    # Declared for the AsyncAPI document; RecordRouter's producer sends the records.
+    broker.publisher(
+        s.topic(Topics.TELEMETRY_VALID),
+        description="Validated readings, one batch per record, keyed by device id; headers "
+        f"{Headers.SOURCE_PARTITION} and {Headers.SOURCE_OFFSET} name the raw record.",
+    )
+    broker.publisher(
+        s.topic(Topics.TELEMETRY_DLQ),
+        description="Refused raw records, unchanged; headers give the reason "
+        f"({Headers.DLQ_REASON}) and origin ({Headers.DLQ_SOURCE_TOPIC}, "
+        f"{Headers.DLQ_SOURCE_PARTITION}, {Headers.DLQ_SOURCE_OFFSET}).",
+    )
     app = FastStream(broker)
     app.on_startup(router.start)
     app.after_shutdown(router.stop)  # consumers are stopped by then

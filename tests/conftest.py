@@ -70,6 +70,8 @@ def stack(base_settings: Settings) -> Iterator[Settings]:
         "KAFKA_NAMESPACE": f"test-{RUN_ID}.",
         "GATEWAY_PORT": str(free_port()),
         "API_PORT": str(free_port()),
+        "VALIDATOR_METRICS_PORT": str(free_port()),
+        "PROJECTOR_METRICS_PORT": str(free_port()),
         "ENVIRONMENT": "test",
         "DEVICE_TOPIC_PARTITIONS": "4",
     }

@@ -1,0 +1,179 @@
+"""Request and response bodies of the query API (the OpenAPI document is generated from these)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from contracts.alerting import AlertRuleSpec, RuleScope, Severity
+
+Role = Literal["admin", "operator", "viewer"]
+CommandStatus = Literal["queued", "processing", "succeeded", "failed"]
+AlertStatus = Literal[
+    "active_unacknowledged", "active_acknowledged", "cleared", "cleared_unacknowledged"
+]
+
+
+class LoginRequest(msgspec.Struct, forbid_unknown_fields=True):
+    username: Annotated[str, Meta(min_length=1, max_length=100)]
+    password: Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+class TokenResponse(msgspec.Struct):
+    access_token: str
+    token_type: str
+    expires_in: int
+    role: Role
+
+
+class Metrics(msgspec.Struct):
+    ts: datetime
+    voltage_v: float | None
+    current_a: float | None
+    frequency_hz: float | None
+    power_kw: float | None
+    soc_pct: float | None
+    temperature_c: float | None
+
+
+class Device(msgspec.Struct):
+    device_id: str
+    site_id: str
+    device_type: str
+    status: Literal["online", "offline"]
+    first_seen: datetime
+    last_seen: datetime
+    latest: Metrics | None
+
+
+class DevicePage(msgspec.Struct):
+    items: list[Device]
+    next_cursor: str | None
+
+
+class Stat(msgspec.Struct):
+    min: float
+    avg: float
+    max: float
+
+
+class Bucket(msgspec.Struct):
+    t: datetime
+    count: int
+    metrics: dict[str, Stat]
+
+
+class ReadingSeries(msgspec.Struct):
+    device_id: str
+    start: datetime
+    end: datetime
+    bucket_s: int
+    points: list[Bucket]
+
+
+class Alert(msgspec.Struct):
+    id: str
+    rule_id: str
+    device_id: str
+    site_id: str
+    severity: str
+    status: str
+    message: str
+    value: float | None
+    opened_at: datetime
+    cleared_at: datetime | None
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+
+
+class AlertPage(msgspec.Struct):
+    items: list[Alert]
+    next_cursor: str | None
+
+
+class Notification(msgspec.Struct):
+    id: str
+    alert_id: str | None
+    device_id: str
+    site_id: str
+    kind: str
+    severity: str
+    title: str
+    created_at: datetime
+    read: bool
+    acked_at: datetime | None
+    acked_by: str | None
+
+
+class NotificationPage(msgspec.Struct):
+    items: list[Notification]
+    next_cursor: str | None
+
+
+class CommandRequest(msgspec.Struct, forbid_unknown_fields=True):
+    device_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    command: Annotated[str, Meta(min_length=1, max_length=64)]
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    ttl_s: Annotated[int, Meta(ge=1, le=86_400)] | None = None
+
+
+class CommandAccepted(msgspec.Struct):
+    id: str
+    status: CommandStatus
+
+
+class Transition(msgspec.Struct, omit_defaults=True):
+    status: CommandStatus
+    at: datetime
+    reason: str | None = None
+
+
+class ControlCommand(msgspec.Struct):
+    id: str
+    device_id: str
+    command: str
+    params: dict[str, Any]
+    status: CommandStatus
+    reason: str | None
+    ttl_s: int
+    deadline: datetime
+    requested_by: str
+    created_at: datetime
+    updated_at: datetime
+    history: list[Transition]
+
+
+class CommandPage(msgspec.Struct):
+    items: list[ControlCommand]
+    next_cursor: str | None
+
+
+class AlertRule(msgspec.Struct, omit_defaults=True):
+    id: str
+    name: str
+    kind: str
+    severity: Severity
+    scope: RuleScope
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+    metric: str | None = None
+    op: str | None = None
+    threshold: float | None = None
+    low: float | None = None
+    high: float | None = None
+    clear_threshold: float | None = None
+    for_s: float | None = None
+    window_s: float | None = None
+    silent_s: float | None = None
+
+
+class AlertRulePage(msgspec.Struct):
+    items: list[AlertRule]
+    next_cursor: str | None
+
+
+__all__ = ["AlertRuleSpec"]

@@ -1,0 +1,42 @@
+"""Control commands a device accepts, by device type, and the checks on their parameters."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+# command -> {param: (low, high)}; an empty dict means the command takes no parameters.
+ANY_DEVICE: Final[dict[str, dict[str, tuple[float, float]]]] = {"reboot": {}}
+COMMANDS: Final[dict[str, dict[str, dict[str, tuple[float, float]]]]] = {
+    "battery": {"charge": {"power_kw": (0.1, 10_000)}, "discharge": {"power_kw": (0.1, 10_000)}},
+    "pv_inverter": {"limit_power": {"limit_pct": (0, 100)}},
+    "genset": {"start": {}, "stop": {}},
+    "load": {},
+    "meter": {},
+}
+DEFAULT_TTL_S: Final = 60
+
+
+def commands_for(device_type: str) -> dict[str, dict[str, tuple[float, float]]]:
+    return {**COMMANDS.get(device_type, {}), **ANY_DEVICE}
+
+
+def command_errors(device_type: str, command: str, params: dict[str, Any]) -> list[dict[str, str]]:
+    """Field-level problems of a command for a device of this type; empty when it is valid."""
+    allowed = commands_for(device_type)
+    if command not in allowed:
+        return [
+            {"field": "command", "message": f"a {device_type} accepts {', '.join(sorted(allowed))}"}
+        ]
+    spec = allowed[command]
+    errors = [
+        {"field": f"params.{name}", "message": f"not a parameter of {command}"}
+        for name in params
+        if name not in spec
+    ]
+    for name, (low, high) in spec.items():
+        value = params.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append({"field": f"params.{name}", "message": f"a number in [{low}, {high}]"})
+        elif not low <= value <= high:
+            errors.append({"field": f"params.{name}", "message": f"must lie in [{low}, {high}]"})
+    return errors

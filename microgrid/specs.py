@@ -1,0 +1,124 @@
+"""Generated interface documents: OpenAPI for the HTTP apps, AsyncAPI for the stream processors.
+
+They are derived from the code (Litestar routes, FastStream subscribers, msgspec contracts) with
+default settings, written under `contracts/`, and committed; `microgrid contracts check` fails
+when the committed files differ from what the code generates now.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from contracts import Reading, ReadingBatch, Topics
+from microgrid.settings import PROJECT_ROOT, Settings
+
+CONTRACTS_DIR = PROJECT_ROOT / "contracts"
+
+# What each topic carries, for the AsyncAPI payloads (none: the original bytes, any format).
+TOPIC_PAYLOADS: dict[str, tuple[type, ...]] = {
+    Topics.TELEMETRY_RAW: (Reading, ReadingBatch),
+    Topics.TELEMETRY_VALID: (ReadingBatch,),
+    Topics.TELEMETRY_DLQ: (),
+}
+
+
+def _defaults() -> Settings:
+    return Settings.model_construct()  # defaults only: the documents must not depend on env
+
+
+def _openapi(factory: Callable[[Settings], Any]) -> dict[str, Any]:
+    schema: dict[str, Any] = factory(_defaults()).openapi_schema.to_schema()
+    return schema
+
+
+def _gateway() -> dict[str, Any]:
+    from ingest_gateway.app import create_app
+
+    return _openapi(create_app)
+
+
+def _query_api() -> dict[str, Any]:
+    from query_api.app import create_app
+
+    return _openapi(create_app)
+
+
+def _validator() -> dict[str, Any]:
+    from faststream.specification import AsyncAPI
+
+    from stream_processors.validator import create_app
+
+    app = create_app(_defaults())
+    assert app.broker is not None
+    spec = AsyncAPI(app.broker, title="Microgrid validator", version="1")
+    doc: dict[str, Any] = json.loads(spec.to_specification().to_json())
+    return with_payloads(doc)
+
+
+def with_payloads(doc: dict[str, Any]) -> dict[str, Any]:
+    """Give each channel's message the msgspec schema of what its topic carries."""
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    types = sorted({t for ts in TOPIC_PAYLOADS.values() for t in ts}, key=lambda t: t.__name__)
+    refs, defs = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    schemas.update(defs)
+    ref_of = dict(zip(types, refs, strict=True))
+    by_topic = {
+        topic: ref_of[ts[0]] if len(ts) == 1 else {"anyOf": [ref_of[t] for t in ts]}
+        for topic, ts in TOPIC_PAYLOADS.items()
+        if ts
+    }
+    for channel in doc.get("channels", {}).values():
+        payload = by_topic.get(channel.get("address", ""))
+        for message in channel.get("messages", {}).values():
+            name = message["$ref"].rsplit("/", 1)[-1]
+            target = components["messages"][name]["payload"]["$ref"].rsplit("/", 1)[-1]
+            schemas[target] = payload or {"description": "the original record value, as sent"}
+    return doc
+
+
+DOCUMENTS: dict[str, Callable[[], dict[str, Any]]] = {
+    "openapi/ingest-gateway.json": _gateway,
+    "openapi/query-api.json": _query_api,
+    "asyncapi/validator.json": _validator,
+}
+
+
+def render(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def generate(root: Path = CONTRACTS_DIR) -> list[Path]:
+    written = []
+    for name, build in DOCUMENTS.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(build()))
+        written.append(path)
+    return written
+
+
+def drift(root: Path = CONTRACTS_DIR) -> dict[str, str]:
+    """Documents whose committed text differs from what the code generates: name -> diff."""
+    out = {}
+    for name, build in DOCUMENTS.items():
+        path = root / name
+        fresh = render(build())
+        old = path.read_text() if path.exists() else ""
+        if old != fresh:
+            diff = difflib.unified_diff(
+                old.splitlines(),
+                fresh.splitlines(),
+                f"committed/{name}",
+                f"generated/{name}",
+                lineterm="",
+                n=1,
+            )
+            out[name] = "\n".join(list(diff)[:60])
+    return out

@@ -1,0 +1,172 @@
+"""Login, access tokens, roles and the demo users.
+
+Tokens are HS256 JWTs (Litestar's JWTAuth) carrying the username and role, so a request costs
+no database read. Failed logins are counted in Redis per username and per client address;
+past `LOGIN_MAX_FAILURES` within `LOGIN_LOCKOUT_S` the login answers 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerifyMismatchError
+from litestar import Request, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.security.jwt import JWTAuth, Token
+from redis.asyncio import Redis
+
+from contracts.api import LoginRequest, Role, TokenResponse
+from microgrid.http import problem
+from microgrid.settings import DEV_TOKEN_SECRET, Settings
+
+HASHER = PasswordHasher()
+# Verified against when the username is unknown, so both cases cost the same time.
+_DUMMY_HASH = HASHER.hash("not-a-real-password")
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    role: Role
+
+
+async def _user_from_token(token: Token, connection: ASGIConnection[Any, Any, Any, Any]) -> User:
+    role = token.extras.get("role")
+    if role not in ("admin", "operator", "viewer"):
+        raise PermissionDeniedException("token carries no valid role")
+    return User(username=token.sub, role=role)
+
+
+def jwt_auth(s: Settings) -> JWTAuth[User, Token]:
+    if not s.is_dev and (s.auth_token_secret == DEV_TOKEN_SECRET or len(s.auth_token_secret) < 32):
+        raise RuntimeError(
+            "AUTH_TOKEN_SECRET must be set to a private value of at least 32 characters "
+            f"outside dev (ENVIRONMENT={s.environment})"
+        )
+    return JWTAuth[User, Token](
+        retrieve_user_handler=_user_from_token,
+        token_secret=s.auth_token_secret,
+        default_token_expiration=timedelta(seconds=s.auth_token_ttl_s),
+        exclude_opt_key="public",
+        exclude=["^/schema"],
+    )
+
+
+def require(*roles: Role) -> Any:
+    """A guard that lets only these roles through (403 for the others)."""
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if connection.user.role not in roles:
+            raise PermissionDeniedException(
+                f"this needs the role {' or '.join(roles)}; you are {connection.user.role}"
+            )
+
+    return guard
+
+
+OPERATORS = require("admin", "operator")
+ADMINS = require("admin")
+
+
+class LoginThrottle:
+    def __init__(self, redis: Redis, max_failures: int, window_s: int) -> None:
+        self.redis = redis
+        self.max = max_failures
+        self.window = window_s
+
+    def _keys(self, username: str, client: str) -> list[str]:
+        return [f"login-failures:user:{username}", f"login-failures:addr:{client}"]
+
+    async def retry_after(self, username: str, client: str) -> int | None:
+        for key in self._keys(username, client):
+            count = await self.redis.get(key)
+            limit = self.max if ":user:" in key else self.max * 4
+            if count is not None and int(count) >= limit:
+                return max(1, int(await self.redis.ttl(key)))
+        return None
+
+    async def failed(self, username: str, client: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for key in self._keys(username, client):
+                pipe.incr(key)
+                pipe.expire(key, self.window, nx=True)
+            await pipe.execute()
+
+    async def succeeded(self, username: str) -> None:
+        await self.redis.delete(self._keys(username, "")[0])
+
+
+@post("/api/v1/auth/login", opt={"public": True}, status_code=200, tags=["auth"])
+async def login(
+    data: LoginRequest, request: Request[Any, Any, State], state: State
+) -> TokenResponse:
+    """Exchange a username and password for a bearer token."""
+    throttle: LoginThrottle = state.login_throttle
+    client = request.client.host if request.client else "unknown"
+    wait = await throttle.retry_after(data.username, client)
+    if wait is not None:
+        raise problem(
+            429,
+            "Too many failed logins",
+            f"try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+    async with state.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT role, password_hash FROM users WHERE username = %s", (data.username,)
+        )
+        row = await cur.fetchone()
+    stored = row[1] if row else _DUMMY_HASH
+    try:
+        ok = await asyncio.to_thread(HASHER.verify, stored, data.password) and row is not None
+    except (VerifyMismatchError, InvalidHashError):
+        ok = False
+    if not ok or row is None:
+        await throttle.failed(data.username, client)
+        raise problem(401, "Invalid credentials", "unknown username or wrong password")
+    await throttle.succeeded(data.username)
+    auth: JWTAuth[User, Token] = state.jwt_auth
+    token = auth.create_token(identifier=data.username, token_extras={"role": row[0]})
+    return TokenResponse(
+        access_token=token,
+        token_type="Bearer",
+        expires_in=int(auth.default_token_expiration.total_seconds()),
+        role=row[0],
+    )
+
+
+def demo_users(s: Settings) -> list[tuple[str, str, Role]]:
+    users: list[tuple[str, str, Role]] = [
+        (s.auth_admin_username, s.auth_admin_password, "admin"),
+        (s.auth_operator_username, s.auth_operator_password, "operator"),
+        (s.auth_viewer_username, s.auth_viewer_password, "viewer"),
+    ]
+    return [u for u in users if u[0] and u[1]]
+
+
+def ensure_demo_users(conn: psycopg.Connection, s: Settings) -> None:
+    """Create or update the configured demo users; an unchanged password is not re-hashed."""
+    for username, password, role in demo_users(s):
+        row = conn.execute(
+            "SELECT password_hash, role FROM users WHERE username = %s", (username,)
+        ).fetchone()
+        if row is not None and row[1] == role:
+            try:
+                HASHER.verify(row[0], password)
+                continue
+            except (VerifyMismatchError, InvalidHashError):
+                pass
+        conn.execute(
+            "INSERT INTO users (username, role, password_hash) VALUES (%s, %s, %s)"
+            " ON CONFLICT (username) DO UPDATE SET role = EXCLUDED.role,"
+            " password_hash = EXCLUDED.password_hash, updated_at = now()",
+            (username, role, HASHER.hash(password)),
+        )

@@ -1,0 +1,151 @@
+"""Devices: list with online status and latest metrics, detail, and downsampled readings."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from litestar import Controller, get
+from litestar.datastructures import State
+from litestar.params import Parameter
+from psycopg.rows import dict_row
+
+from contracts import DEVICE_TYPES, METRICS
+from contracts.api import Bucket, Device, DevicePage, Metrics, ReadingSeries, Stat
+from microgrid.http import problem
+from query_api.pagination import MAX_LIMIT, decode_cursor, page_of
+
+DEVICE_SQL = """
+SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
+       d.last_seen > now() - make_interval(secs => %(offline_after)s) AS online,
+       l.ts, l.voltage_v, l.current_a, l.frequency_hz, l.power_kw, l.soc_pct, l.temperature_c
+FROM devices d LEFT JOIN device_latest l USING (device_id)
+WHERE (%(site_id)s::text IS NULL OR d.site_id = %(site_id)s)
+  AND (%(device_type)s::text IS NULL OR d.device_type = %(device_type)s)
+  AND (%(device_id)s::text IS NULL OR d.device_id = %(device_id)s)
+  AND (%(after)s::text IS NULL OR d.device_id > %(after)s)
+  AND (%(status)s::text IS NULL OR (d.last_seen > now() - make_interval(secs => %(offline_after)s))
+       = (%(status)s = 'online'))
+ORDER BY d.device_id
+LIMIT %(limit)s
+"""
+
+MAX_POINTS = 2000
+MAX_SPAN = timedelta(days=31)
+
+
+def _device(row: dict[str, Any]) -> Device:
+    latest = None
+    if row["ts"] is not None:
+        latest = Metrics(ts=row["ts"], **{m: row[m] for m in METRICS})
+    return Device(
+        device_id=row["device_id"],
+        site_id=row["site_id"],
+        device_type=row["device_type"],
+        status="online" if row["online"] else "offline",
+        first_seen=row["first_seen"],
+        last_seen=row["last_seen"],
+        latest=latest,
+    )
+
+
+def _series_sql(metrics: list[str]) -> str:
+    stats = ", ".join(f"min({m}), avg({m}), max({m})" for m in metrics)
+    return (
+        f"SELECT date_bin(make_interval(secs => %s), ts, %s) AS bucket, count(*), {stats}"
+        " FROM telemetry_readings WHERE device_id = %s AND ts >= %s AND ts < %s"
+        " GROUP BY 1 ORDER BY 1"
+    )
+
+
+class DeviceController(Controller):
+    path = "/api/v1/devices"
+    tags = ["devices"]
+
+    async def _fetch(self, state: State, **filters: Any) -> list[dict[str, Any]]:
+        params = {
+            "site_id": None,
+            "device_type": None,
+            "device_id": None,
+            "after": None,
+            "status": None,
+            "limit": 1,
+            **filters,
+            "offline_after": state.settings.device_offline_after_s,
+        }
+        async with state.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(DEVICE_SQL, params)
+            return await cur.fetchall()
+
+    @get()
+    async def list_devices(
+        self,
+        state: State,
+        site_id: str | None = None,
+        device_type: Annotated[str | None, Parameter(description=", ".join(DEVICE_TYPES))] = None,
+        status: Annotated[str | None, Parameter(pattern="^(online|offline)$")] = None,
+        cursor: str | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = 100,
+    ) -> DevicePage:
+        """Devices in id order, with online status and their latest metrics."""
+        after = decode_cursor(cursor, str)
+        rows = await self._fetch(
+            state,
+            site_id=site_id,
+            device_type=device_type,
+            status=status,
+            after=after[0] if after else None,
+            limit=limit + 1,
+        )
+        rows, next_cursor = page_of(rows, limit, lambda r: (r["device_id"],))
+        return DevicePage(items=[_device(r) for r in rows], next_cursor=next_cursor)
+
+    @get("/{device_id:str}")
+    async def get_device(self, state: State, device_id: str) -> Device:
+        rows = await self._fetch(state, device_id=device_id)
+        if not rows:
+            raise problem(404, "Unknown device", f"no device {device_id!r} has reported")
+        return _device(rows[0])
+
+    @get("/{device_id:str}/readings")
+    async def get_readings(
+        self,
+        state: State,
+        device_id: str,
+        start: Annotated[datetime | None, Parameter(query="from")] = None,
+        end: Annotated[datetime | None, Parameter(query="to")] = None,
+        points: Annotated[int, Parameter(ge=1, le=MAX_POINTS)] = 300,
+        metrics: Annotated[str | None, Parameter(description="comma-separated")] = None,
+    ) -> ReadingSeries:
+        """Readings in [from, to) as time buckets with min/avg/max per metric (default: 1 h)."""
+        end = end or datetime.now(UTC)
+        start = start or end - timedelta(hours=1)
+        if start.tzinfo is None or end.tzinfo is None:
+            raise problem(400, "Invalid time range", "from and to need a time zone")
+        if not start < end or end - start > MAX_SPAN:
+            raise problem(
+                400, "Invalid time range", f"need from < to, at most {MAX_SPAN.days} days"
+            )
+        chosen = list(METRICS) if not metrics else [m.strip() for m in metrics.split(",")]
+        unknown = [m for m in chosen if m not in METRICS]
+        if unknown:
+            raise problem(
+                400, "Unknown metric", f"{', '.join(unknown)}; known: {', '.join(METRICS)}"
+            )
+        bucket_s = max(1, math.ceil((end - start).total_seconds() / points))
+        async with state.pool.connection() as conn:
+            cur = await conn.execute(_series_sql(chosen), (bucket_s, start, device_id, start, end))
+            rows = await cur.fetchall()
+        buckets = []
+        for row in rows:
+            stats = {}
+            for i, m in enumerate(chosen):
+                lo, avg, hi = row[2 + 3 * i : 5 + 3 * i]
+                if avg is not None:
+                    stats[m] = Stat(min=lo, avg=float(avg), max=hi)
+            buckets.append(Bucket(t=row[0], count=row[1], metrics=stats))
+        return ReadingSeries(
+            device_id=device_id, start=start, end=end, bucket_s=bucket_s, points=buckets
+        )
