@@ -52,6 +52,7 @@ check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy contracts ingest_gateway stream_processors projections query_api microgrid ui benchmarks tests
+	$(BIN)/microgrid contracts check
 
 stack-up: setup
 	$(BIN)/microgrid stack up

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -35,6 +36,11 @@ def gateway(s: Settings) -> None:
 
 
 def api(s: Settings) -> None:
+    from query_api.auth import secret_problem
+
+    if reason := secret_problem(s):
+        logging.getLogger("microgrid.api").error("refusing to start: %s", reason)
+        sys.exit(2)
     _serve_http("query_api.app:create_app", s.api_host, s.api_port, 1)
 
 

@@ -45,12 +45,19 @@ async def _user_from_token(token: Token, connection: ASGIConnection[Any, Any, An
     return User(username=token.sub, role=role)
 
 
-def jwt_auth(s: Settings) -> JWTAuth[User, Token]:
+def secret_problem(s: Settings) -> str | None:
+    """Why the token secret is unfit for this environment, or None."""
     if not s.is_dev and (s.auth_token_secret == DEV_TOKEN_SECRET or len(s.auth_token_secret) < 32):
-        raise RuntimeError(
+        return (
             "AUTH_TOKEN_SECRET must be set to a private value of at least 32 characters "
             f"outside dev (ENVIRONMENT={s.environment})"
         )
+    return None
+
+
+def jwt_auth(s: Settings) -> JWTAuth[User, Token]:
+    if reason := secret_problem(s):
+        raise RuntimeError(reason)
     return JWTAuth[User, Token](
         retrieve_user_handler=_user_from_token,
         token_secret=s.auth_token_secret,

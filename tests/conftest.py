@@ -102,9 +102,11 @@ class Components:
             cwd=PROJECT_ROOT,
             env={**os.environ, **env},
         )
-        if name == "gateway":
-            url = f"http://127.0.0.1:{env.get('GATEWAY_PORT', self.s.gateway_port)}"
-            wait_for(lambda: self.healthy(url), 30, "gateway /healthz")
+        if name in ("gateway", "api"):
+            port = env.get("GATEWAY_PORT" if name == "gateway" else "API_PORT")
+            default = self.s.gateway_port if name == "gateway" else self.s.api_port
+            url = f"http://127.0.0.1:{port or default}"
+            wait_for(lambda: self.healthy(url), 30, f"{name} /healthz")
 
     @staticmethod
     def healthy(url: str) -> bool:
@@ -116,6 +118,10 @@ class Components:
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.s.gateway_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.s.api_port}"
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)
@@ -141,10 +147,31 @@ class Components:
 @pytest.fixture(scope="session")
 def platform(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Components]:
     components = Components(stack, tmp_path_factory.mktemp("logs"))
-    for name in ("validator", "projector", "gateway"):
+    for name in ("validator", "projector", "gateway", "api"):
         components.start(name)
     yield components
     components.stop_all()
+
+
+@pytest.fixture(scope="session")
+def tokens(platform: Components) -> dict[str, str]:
+    """A bearer token for each demo user, by role (admin, operator, viewer)."""
+    s = platform.s
+    users = {
+        "admin": (s.auth_admin_username, s.auth_admin_password),
+        "operator": (s.auth_operator_username, s.auth_operator_password),
+        "viewer": (s.auth_viewer_username, s.auth_viewer_password),
+    }
+    out = {}
+    for role, (username, password) in users.items():
+        r = httpx.post(
+            f"{platform.api_url}/api/v1/auth/login",
+            json={"username": username, "password": password},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        out[role] = r.json()["access_token"]
+    return out
 
 
 @pytest.fixture()

@@ -65,3 +65,19 @@ def test_keys_create_refuses_a_bad_site_id(stack: Settings) -> None:
     out = cli("keys", "create", "--site", "no spaces please")
     assert out.returncode != 0
     assert "invalid site id" in out.stderr and out.stdout == ""
+
+
+def test_api_refuses_the_dev_token_secret_outside_dev(stack: Settings) -> None:
+    env = {**os.environ, "ENVIRONMENT": "prod", "API_PORT": "1"}
+    env.pop("AUTH_TOKEN_SECRET", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "microgrid.components", "api"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "AUTH_TOKEN_SECRET must be set" in out.stderr
+    assert "Traceback" not in out.stderr
