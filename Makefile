@@ -60,5 +60,6 @@ stack-up: setup
 stack-down:
 	$(BIN)/microgrid stack down
 
-clean: stack-down
+clean:
+	@test ! -x $(BIN)/microgrid || $(BIN)/microgrid stack down --purge
 	rm -rf $(STACK_DIR) $(VENV)

@@ -17,7 +17,8 @@ DEVICE_TYPES: Final[tuple[str, ...]] = ("pv_inverter", "battery", "load", "gense
 
 Identifier = Annotated[
     str,
-    Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+    # (?!\n) because `$` alone also matches before a trailing newline
+    Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*(?!\n)$"),
 ]
 AwareTime = Annotated[datetime, Meta(tz=True)]
 Voltage = Annotated[float, Meta(ge=0, le=50_000)]
@@ -42,7 +43,7 @@ class Reading(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     site_id: Identifier
     device_type: DeviceType
     ts: AwareTime
-    seq: Annotated[int, Meta(ge=0)] | None = None
+    seq: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
     voltage_v: Voltage | None = None
     current_a: Current | None = None
     frequency_hz: Frequency | None = None

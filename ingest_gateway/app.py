@@ -19,7 +19,7 @@ from litestar.datastructures import State
 from psycopg_pool import AsyncConnectionPool
 
 from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
-from ingest_gateway.keys import KeyStore
+from ingest_gateway.keys import KeyStore, KeyStoreUnavailable
 from microgrid.http import (
     MetricsController,
     exception_handlers,
@@ -29,7 +29,7 @@ from microgrid.http import (
     problem_details_plugin,
     prometheus_config,
 )
-from microgrid.kafka import reliable_producer
+from microgrid.kafka import RenewableProducer
 from microgrid.settings import Settings, get_settings
 
 log = logging.getLogger("microgrid.gateway")
@@ -45,7 +45,7 @@ class Gateway:
     def __init__(self, settings: Settings, keys: KeyStore) -> None:
         self.s = settings
         self.keys = keys
-        self.producer = reliable_producer(settings)
+        self.producer = RenewableProducer(settings, "microgrid-gateway")
         self.topic = settings.topic(Topics.TELEMETRY_RAW)
         self.window = TimeWindow(
             max_future=timedelta(seconds=settings.max_future_skew_s),
@@ -63,7 +63,15 @@ class Gateway:
                 "send `Authorization: Bearer <device key>`",
                 headers={"WWW-Authenticate": 'Bearer realm="ingest"'},
             )
-        site = await self.keys.site_for(key.strip())
+        try:
+            site = await self.keys.site_for(key.strip())
+        except KeyStoreUnavailable as exc:
+            raise problem(
+                503,
+                "Key store unavailable",
+                "device keys cannot be checked right now",
+                headers={"Retry-After": self.retry_after},
+            ) from exc
         if site is None:
             raise problem(
                 401,
@@ -104,22 +112,24 @@ class Gateway:
             by_device: dict[str, list[Reading]] = {}
             for r in readings:
                 by_device.setdefault(r.device_id, []).append(r)
+            producer = self.producer.producer
+            assert producer is not None, "the app's lifespan starts the producer"
             async with asyncio.timeout(self.s.ingest_ack_timeout_ms / 1000):
                 futures = []
                 for device_id, group in by_device.items():
                     value = msgspec.json.encode(
                         group[0] if len(group) == 1 else ReadingBatch(readings=group)
                     )
-                    futures.append(
-                        await self.producer.send(self.topic, value, key=device_id.encode())
-                    )
+                    futures.append(await producer.send(self.topic, value, key=device_id.encode()))
                 await asyncio.gather(*futures)
         except (TimeoutError, KafkaError) as exc:
             log.warning("broker did not acknowledge %d readings: %r", n, exc)
+            await self.producer.renew_if_broken()
             raise problem(
                 503,
                 "Telemetry log unavailable",
-                "the broker did not acknowledge the readings in time; nothing was accepted",
+                "the broker did not acknowledge every reading in time; some may still be "
+                "stored: retry the request",
                 headers={"Retry-After": self.retry_after},
             ) from exc
         finally:

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 KEY_PREFIX = "mgk_"
 
@@ -30,6 +30,13 @@ def create_key(conn: psycopg.Connection, site_id: str) -> str:
     return key
 
 
+LOOKUP_TIMEOUT_S = 1.0
+
+
+class KeyStoreUnavailable(RuntimeError):
+    """The key could not be checked now (PostgreSQL unreachable)."""
+
+
 class KeyStore:
     """Resolves a presented key to its site, with a bounded time-limited cache (hits and misses)."""
 
@@ -40,16 +47,23 @@ class KeyStore:
         self._cache: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
 
     async def site_for(self, key: str) -> str | None:
+        """The key's site, None for an unknown key; KeyStoreUnavailable when PostgreSQL is
+        unreachable and the key was never seen (a known key keeps working meanwhile)."""
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT site_id FROM device_keys WHERE key_hash = %s AND revoked_at IS NULL",
-                (hash_key(key),),
-            )
-            row = await cur.fetchone()
+        try:
+            async with self._pool.connection(timeout=LOOKUP_TIMEOUT_S) as conn:
+                cur = await conn.execute(
+                    "SELECT site_id FROM device_keys WHERE key_hash = %s AND revoked_at IS NULL",
+                    (hash_key(key),),
+                )
+                row = await cur.fetchone()
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            if hit is not None:
+                return hit[1]
+            raise KeyStoreUnavailable(str(exc)) from exc
         site = row[0] if row else None
         self._cache[key] = (now + self._ttl, site)
         self._cache.move_to_end(key)

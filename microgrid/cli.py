@@ -45,13 +45,20 @@ def stack_up() -> None:
 
 
 @stack_app.command("down")
-def stack_down() -> None:
+def stack_down(
+    purge: Annotated[bool, typer.Option(help="also delete the services' data")] = False,
+) -> None:
     """Stop the services this stack started (nothing else)."""
+    import shutil
+
     from microgrid.stack import services
 
     for svc in reversed(services(get_settings())):
         svc.down()
         typer.echo(f"{svc.name:<9} stopped")
+        if purge:
+            shutil.rmtree(svc.home, ignore_errors=True)
+            typer.echo(f"{svc.name:<9} data deleted ({svc.home})")
 
 
 @stack_app.command("status")

@@ -15,6 +15,7 @@ from contracts import Topics
 from microgrid.settings import Settings
 
 HOUR_MS = 3_600_000
+log = logging.getLogger("microgrid.kafka")
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,9 @@ class TopicSpec:
 
 
 def topic_specs(s: Settings) -> list[TopicSpec]:
-    telemetry = {"retention.ms": str(s.telemetry_retention_hours * HOUR_MS)}
-    dlq = {"retention.ms": str(s.dlq_retention_hours * HOUR_MS)}
+    durability = {"min.insync.replicas": str(min(2, s.topic_replication_factor))}
+    telemetry = {"retention.ms": str(s.telemetry_retention_hours * HOUR_MS), **durability}
+    dlq = {"retention.ms": str(s.dlq_retention_hours * HOUR_MS), **durability}
     n = s.device_topic_partitions
     return [
         TopicSpec(s.topic(Topics.TELEMETRY_RAW), n, telemetry),
@@ -61,7 +63,14 @@ async def ensure_topics(s: Settings, timeout_s: float = 15.0) -> list[str]:
                 continue
             try:
                 await admin.create_topics(
-                    [NewTopic(spec.name, spec.partitions, 1, topic_configs=spec.config)]
+                    [
+                        NewTopic(
+                            spec.name,
+                            spec.partitions,
+                            s.topic_replication_factor,
+                            topic_configs=spec.config,
+                        )
+                    ]
                 )
                 created.append(spec.name)
             except TopicAlreadyExistsError:
@@ -104,6 +113,47 @@ class KafkaProbe:
         if admin is not None:
             with contextlib.suppress(Exception):
                 await admin.close()
+
+
+class RenewableProducer:
+    """A reliable producer that replaces itself once aiokafka's sender has died.
+
+    After a fatal error (an out-of-order sequence after a broker restart, say) an aiokafka
+    producer fails every later send with the same error; only a new producer recovers.
+    """
+
+    def __init__(self, s: Settings, client_id: str) -> None:
+        self.s = s
+        self.client_id = client_id
+        self.producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> AIOKafkaProducer:
+        self.producer = reliable_producer(self.s, client_id=self.client_id)
+        await self.producer.start()
+        return self.producer
+
+    async def stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()  # flushes what is buffered
+
+    @property
+    def broken(self) -> bool:
+        sender = getattr(self.producer, "_sender", None)  # aiokafka keeps no public flag
+        task = getattr(sender, "_sender_task", None)
+        return task is not None and task.done()
+
+    async def renew_if_broken(self) -> bool:
+        async with self._lock:
+            if not self.broken:
+                return False
+            old = self.producer
+            log.warning("Kafka producer %s has failed for good; replacing it", self.client_id)
+            await self.start()
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(old.stop(), timeout=5)
+            return True
 
 
 def reliable_producer(s: Settings, **overrides: object) -> AIOKafkaProducer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     # Kafka layout
     kafka_namespace: str = Field("", description="prefix for topic names and group ids")
     device_topic_partitions: int = Field(12, ge=1)
+    topic_replication_factor: int = Field(1, ge=1)
     telemetry_retention_hours: int = Field(168, ge=1)
     dlq_retention_hours: int = Field(720, ge=1)
 
@@ -84,6 +85,11 @@ class Settings(BaseSettings):
     @property
     def is_dev(self) -> bool:
         return self.environment in ("dev", "test")
+
+    @field_validator("stack_dir")
+    @classmethod
+    def _anchor_stack_dir(cls, value: Path) -> Path:
+        return value if value.is_absolute() else PROJECT_ROOT / value
 
     def topic(self, name: str) -> str:
         return f"{self.kafka_namespace}{name}"

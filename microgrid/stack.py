@@ -210,7 +210,11 @@ class Kafka:
 
 
 def _pg_bindir() -> Path:
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+        reverse=True,
+    )
     if candidates:
         return Path(candidates[0]).parent
     found = shutil.which("initdb")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import date
+from datetime import UTC, date
 
 import msgspec
 import psycopg
@@ -53,6 +53,7 @@ class TelemetryProjector:
         self.lock = asyncio.Lock()
         self.conn: psycopg.AsyncConnection | None = None
         self.stopping = asyncio.Event()
+        self.listener_error: BaseException | None = None
         self.projected = 0
 
     async def run(self) -> None:
@@ -68,6 +69,9 @@ class TelemetryProjector:
                 polled = await self.consumer.getmany(
                     timeout_ms=200, max_records=self.s.projector_max_records
                 )
+                if self.listener_error is not None:
+                    # aiokafka only logs what a rebalance listener raises: fail loudly instead
+                    raise RuntimeError("could not load stored positions") from self.listener_error
                 if not polled:
                     continue
                 try:
@@ -82,18 +86,28 @@ class TelemetryProjector:
             await self.conn.close()
 
     async def load_positions(self, partitions: list[TopicPartition]) -> None:
+        """Seek to the positions stored in PostgreSQL, moved into the log's current bounds."""
         assert self.conn is not None
-        async with self.lock, self.conn.transaction():
-            stored = await store.load_positions(
-                self.conn, PROJECTION, self.topic, [tp.partition for tp in partitions]
-            )
-        for tp in partitions:
-            pos = stored[tp.partition]
-            self.positions[tp.partition] = pos
-            if pos.next_offset >= 0:
-                self.consumer.seek(tp, pos.next_offset)
-            else:
-                await self.consumer.seek_to_beginning(tp)
+        begins = await self.consumer.beginning_offsets(partitions)
+        ends = await self.consumer.end_offsets(partitions)
+        async with self.lock:
+            async with self.conn.transaction():
+                stored = await store.load_positions(
+                    self.conn, PROJECTION, self.topic, [tp.partition for tp in partitions]
+                )
+                for tp in partitions:
+                    pos = stored[tp.partition]
+                    fixed = _within_log(tp, pos, begins[tp], ends[tp])
+                    if fixed is not pos:
+                        ok = await store.save_position(
+                            self.conn, PROJECTION, self.topic, tp.partition, pos.next_offset, fixed
+                        )
+                        if not ok:
+                            raise _Fenced(tp.partition)
+                        stored[tp.partition] = fixed
+            for tp in partitions:  # under the lock: no poll runs between these seeks
+                self.positions[tp.partition] = stored[tp.partition]
+                self.consumer.seek(tp, stored[tp.partition].next_offset)
 
     async def project(
         self, polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -109,20 +123,12 @@ class TelemetryProjector:
             for rec in records:
                 if rec.offset < pos.next_offset:
                     continue  # fetched before a re-seek: already projected
-                src_p = _header(rec, Headers.SOURCE_PARTITION)
-                src_o = _header(rec, Headers.SOURCE_OFFSET)
-                if src_p is not None and src_o is not None:
-                    if int(src_o) <= marks.get(src_p, -1):
-                        RECORDS.labels(self.group, "duplicate").inc()
-                        continue  # re-emitted by the validator after a restart
-                    marks[src_p] = int(src_o)
-                RECORDS.labels(self.group, "stored").inc()
-                readings.extend(self.decoder.decode(rec.value or b"").readings)
-            end = store.Position(records[-1].offset + 1, marks)
+                readings.extend(self._new_readings(rec, marks))
+            end = store.Position(max(pos.next_offset, records[-1].offset + 1), marks)
             moves.append((tp.partition, pos.next_offset, end))
         if not moves:
             return
-        new_days = {r.ts.date() for r in readings} - self.days
+        new_days = {r.ts.astimezone(UTC).date() for r in readings} - self.days
         async with self.conn.transaction():
             if new_days:
                 await store.ensure_partitions(self.conn, new_days)
@@ -141,11 +147,64 @@ class TelemetryProjector:
         READINGS.labels(self.group, "stored").inc(len(readings))
         # Kafka's committed offsets are informational (lag monitoring); PostgreSQL is the truth.
         try:
-            await self.consumer.commit(
-                {TopicPartition(self.topic, p): n.next_offset for p, _, n in moves}
+            await asyncio.wait_for(
+                self.consumer.commit(
+                    {TopicPartition(self.topic, p): n.next_offset for p, _, n in moves}
+                ),
+                timeout=2.0,
             )
-        except KafkaError as exc:
+        except (KafkaError, TimeoutError) as exc:
             log.debug("informational offset commit failed: %r", exc)
+
+    def _new_readings(
+        self, rec: ConsumerRecord[bytes, bytes], marks: dict[str, int]
+    ) -> list[Reading]:
+        """The record's readings, or none when it repeats a projected source offset or does
+        not decode (logged and counted: a bad record must not stop the projection)."""
+        try:
+            src_p = _header(rec, Headers.SOURCE_PARTITION)
+            src_o = _header(rec, Headers.SOURCE_OFFSET)
+            source_offset = int(src_o) if src_o is not None else None
+            readings = self.decoder.decode(rec.value or b"").readings
+        except (ValueError, msgspec.MsgspecError) as exc:
+            log.error(
+                "skipped undecodable record %s[%d]@%d: %s",
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                exc,
+            )
+            RECORDS.labels(self.group, "undecodable").inc()
+            return []
+        if src_p is not None and source_offset is not None:
+            if source_offset <= marks.get(src_p, -1):
+                RECORDS.labels(self.group, "duplicate").inc()
+                return []  # re-emitted by the validator after a restart
+            marks[src_p] = source_offset
+        RECORDS.labels(self.group, "stored").inc()
+        return readings
+
+
+def _within_log(tp: TopicPartition, pos: store.Position, begin: int, end: int) -> store.Position:
+    if pos.next_offset > end:
+        log.error(
+            "stored position %d of partition %d lies past the log end %d: the log was "
+            "recreated; projecting it from its beginning",
+            pos.next_offset,
+            tp.partition,
+            end,
+        )
+        return store.Position(begin, {})
+    if pos.next_offset < begin:
+        if pos.next_offset >= 0:
+            log.warning(
+                "partition %d: offsets %d..%d expired before they were projected",
+                tp.partition,
+                pos.next_offset,
+                begin - 1,
+            )
+        return store.Position(begin, pos.watermarks)
+    return pos
 
 
 class _Fenced(RuntimeError):
@@ -163,6 +222,11 @@ class _StoredPositions(ConsumerRebalanceListener):
                 self.p.positions.pop(tp.partition, None)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        if assigned:
+        if not assigned:
+            return
+        try:
             await self.p.load_positions(list(assigned))
-            log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+        except BaseException as exc:
+            self.p.listener_error = exc
+            raise
+        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))

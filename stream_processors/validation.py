@@ -44,15 +44,15 @@ def validate_record(
         return Invalid("empty record value")
     try:
         readings = decode_readings(value)
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: catch it first
+        return Invalid(f"invalid reading: {exc}")
     except msgspec.DecodeError as exc:
         return Invalid(f"malformed JSON: {exc}")
-    except msgspec.ValidationError as exc:
-        return Invalid(f"invalid reading: {exc}")
     device_id = readings[0].device_id
     if any(r.device_id != device_id for r in readings):
         return Invalid("readings of several devices in one record: send one record per device")
     if key is not None and key != device_id.encode():
-        return Invalid(f"record key {key!r} is not the readings' device id {device_id!r}")
+        return Invalid(f"record key {key[:80]!r} is not the readings' device id {device_id!r}")
     for i, r in enumerate(readings):
         reason = check_time_window(r, now, window)
         if reason:

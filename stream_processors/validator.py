@@ -13,13 +13,14 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.message import StreamMessage
 
 from contracts import Groups, Headers, TimeWindow, Topics
-from microgrid.kafka import reliable_producer
+from microgrid.kafka import RenewableProducer
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from stream_processors.validation import Valid, validate_record
@@ -37,7 +38,7 @@ class RecordRouter:
     def __init__(self, s: Settings) -> None:
         self.s = s
         self.group = s.group(Groups.VALIDATOR)
-        self.producer: AIOKafkaProducer | None = None
+        self.producer = RenewableProducer(s, "microgrid-validator-out")
         self.lag_task: asyncio.Task[None] | None = None
         self.valid = s.topic(Topics.TELEMETRY_VALID)
         self.dlq = s.topic(Topics.TELEMETRY_DLQ)
@@ -48,7 +49,6 @@ class RecordRouter:
 
     async def start(self) -> None:
         # aiokafka binds a producer to the running loop: make it once the app's loop runs.
-        self.producer = reliable_producer(self.s, client_id="microgrid-validator-out")
         await self.producer.start()
         serve_metrics(self.s, self.s.validator_metrics_port)
         raw = self.s.topic(Topics.TELEMETRY_RAW)
@@ -57,11 +57,19 @@ class RecordRouter:
     async def stop(self) -> None:
         if self.lag_task is not None:
             self.lag_task.cancel()
-        if self.producer is not None:
-            await self.producer.stop()  # flushes what is buffered
+        await self.producer.stop()
 
     async def route(self, records: tuple[ConsumerRecord[bytes, bytes], ...]) -> None:
-        assert self.producer is not None, "RecordRouter.start() first"
+        try:
+            await self._route(records)
+        except KafkaError:
+            # FastStream redelivers the batch; a dead producer must not fail it forever.
+            await self.producer.renew_if_broken()
+            raise
+
+    async def _route(self, records: tuple[ConsumerRecord[bytes, bytes], ...]) -> None:
+        producer = self.producer.producer
+        assert producer is not None, "RecordRouter.start() first"
         now = datetime.now(UTC)
         pending = []
         for rec in records:
@@ -71,7 +79,7 @@ class RecordRouter:
                     (Headers.SOURCE_PARTITION, str(rec.partition).encode()),
                     (Headers.SOURCE_OFFSET, str(rec.offset).encode()),
                 ]
-                fut = await self.producer.send(
+                fut = await producer.send(
                     self.valid, verdict.value, key=verdict.device_id.encode(), headers=headers
                 )
             else:
@@ -88,7 +96,7 @@ class RecordRouter:
                     (Headers.DLQ_SOURCE_PARTITION, str(rec.partition).encode()),
                     (Headers.DLQ_SOURCE_OFFSET, str(rec.offset).encode()),
                 ]
-                fut = await self.producer.send(self.dlq, rec.value, key=rec.key, headers=headers)
+                fut = await producer.send(self.dlq, rec.value, key=rec.key, headers=headers)
             pending.append(fut)
             RECORDS.labels(self.group, "valid" if isinstance(verdict, Valid) else "dlq").inc()
         await asyncio.gather(*pending)

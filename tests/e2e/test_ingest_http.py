@@ -66,6 +66,8 @@ def _refused_cases(site: str, device: str) -> list[tuple[str, str, dict, int, st
         ("unknown type", "/api/v1/telemetry", {"json": {**good, "device_type": "x"}}, 422, "type"),
         ("missing field", "/api/v1/telemetry", {"json": {"device_id": device}}, 422, "site_id"),
         ("future ts", "/api/v1/telemetry", {"json": future}, 422, "future"),
+        ("huge seq", "/api/v1/telemetry", {"json": {**good, "seq": 2**63}}, 422, "seq"),
+        ("newline id", "/api/v1/telemetry", {"json": {**good, "device_id": "d\n"}}, 422, "device"),
         ("empty batch", "/api/v1/telemetry/batch", {"json": {"readings": []}}, 422, "readings"),
         (
             "batch too big",

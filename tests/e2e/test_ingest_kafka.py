@@ -192,3 +192,23 @@ def test_records_re_emitted_by_a_restarted_validator_are_stored_once(
     wait_for(lambda: stored_count(db, [device])[0] >= 9, what="re-emitted records")
     time.sleep(1.0)
     assert stored_count(db, [device]) == (9, 9)
+
+
+def test_undecodable_record_on_the_valid_topic_does_not_stop_the_projection(
+    platform: Components, db: psycopg.Connection, stack: Settings
+) -> None:
+    device = new_device()
+
+    async def emit() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            topic = stack.topic(Topics.TELEMETRY_VALID)
+            await producer.send_and_wait(topic, b"\xffnot json", key=device.encode())
+            good = msgspec.json.encode({"readings": [reading(device, "site-v")]})
+            await producer.send_and_wait(topic, good, key=device.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(emit())
+    wait_for(lambda: stored_count(db, [device]) == (1, 1), what="record after the bad one")
