@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from litestar import Request, Response, get
 from litestar.config.cors import CORSConfig
+from litestar.exceptions import ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.plugins.problem_details import (
@@ -42,11 +44,35 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
     return problem(500, "Internal server error").to_response(request)
 
 
+def _invalid_value(request: Request[Any, Any, Any], exc: psycopg.DataError) -> Response[Any]:
+    # e.g. a NUL character, which PostgreSQL text cannot hold
+    return problem(400, "Invalid value", str(exc).splitlines()[0]).to_response(request)
+
+
+def _invalid_request(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    """Body errors are 422 with `errors[].field`, like the gateway's; bad parameters 400."""
+    found = exc.extra if isinstance(exc.extra, list) else []
+    errors = [
+        {"field": e.get("key"), "message": e.get("message"), "source": e.get("source")}
+        for e in found
+        if isinstance(e, dict)
+    ]
+    in_body = bool(errors) and all(e["source"] == "body" for e in errors)
+    status = 422 if in_body else 400
+    title = "Invalid request body" if in_body else "Invalid request"
+    detail = errors[0]["message"] if errors else exc.detail
+    return problem(status, title, str(detail), errors=errors).to_response(request)
+
+
 def problem_details_plugin() -> ProblemDetailsPlugin:
     return ProblemDetailsPlugin(ProblemDetailsConfig(enable_for_all_http_exceptions=True))
 
 
-exception_handlers = {Exception: _unexpected}
+exception_handlers = {
+    Exception: _unexpected,
+    psycopg.DataError: _invalid_value,
+    ValidationException: _invalid_request,
+}
 
 
 @get("/healthz", sync_to_thread=False, include_in_schema=False, opt={"public": True})

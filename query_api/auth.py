@@ -63,7 +63,7 @@ def jwt_auth(s: Settings) -> JWTAuth[User, Token]:
         token_secret=s.auth_token_secret,
         default_token_expiration=timedelta(seconds=s.auth_token_ttl_s),
         exclude_opt_key="public",
-        exclude=["^/schema"],
+        exclude=["^/docs"],
     )
 
 
