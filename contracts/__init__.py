@@ -9,16 +9,18 @@ from contracts.readings import (
     TimeWindow,
     check_time_window,
 )
-from contracts.topics import Groups, Headers, Topics
+from contracts.topics import Events, Groups, Headers, Streams, Topics
 
 __all__ = [
     "DEVICE_TYPES",
     "METRICS",
     "DeviceType",
+    "Events",
     "Groups",
     "Headers",
     "Reading",
     "ReadingBatch",
+    "Streams",
     "TimeWindow",
     "Topics",
     "check_time_window",

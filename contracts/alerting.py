@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -115,3 +116,28 @@ def _threshold_errors(rule: AlertRuleSpec, err: Callable[[str, str], None]) -> N
             wrong_side = clear > rule.threshold if rule.op == "gt" else clear < rule.threshold
             if wrong_side:
                 err("clear_threshold", "must lie on the safe side of threshold (hysteresis)")
+
+
+class AlertRuleRecord(AlertRuleSpec, kw_only=True):
+    """A stored rule as carried on the `alert-rules` topic (keyed by id)."""
+
+    id: str
+
+
+AlertEventKind = Literal["opened", "cleared"]
+
+
+class AlertEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One edge of an alert episode, on the `alerts` topic keyed by device id. The id is
+    derived from rule, device and the episode's start, so a replay yields the same id."""
+
+    alert_id: str
+    kind: AlertEventKind
+    rule_id: str
+    rule_name: str
+    device_id: str
+    site_id: str
+    severity: Severity
+    at: datetime
+    value: float | None = None
+    message: str = ""

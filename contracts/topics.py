@@ -7,6 +7,9 @@ class Topics:
     TELEMETRY_RAW: Final = "telemetry.raw"
     TELEMETRY_VALID: Final = "telemetry.valid"
     TELEMETRY_DLQ: Final = "telemetry.dlq"
+    ALERT_RULES: Final = "alert-rules"  # compacted, keyed by rule id; a tombstone deletes
+    ALERTS: Final = "alerts"  # alert events, keyed by device id
+    ALERTER_STATE: Final = "alerter.state"  # compacted changelog of per-device alert state
 
 
 class Headers:
@@ -23,3 +26,23 @@ class Headers:
 class Groups:
     VALIDATOR: Final = "microgrid.validator"
     TELEMETRY_PROJECTOR: Final = "microgrid.projector.telemetry"
+    ALERTER: Final = "microgrid.alerter"
+    ALERTS_PROJECTOR: Final = "microgrid.projector.alerts"
+
+
+class Streams:
+    """Redis streams (capped) that feed the live SSE endpoint."""
+
+    EVENTS: Final = "microgrid:events"
+
+
+class Events:
+    """SSE event names."""
+
+    ALERT_OPENED: Final = "alert.opened"
+    ALERT_CLEARED: Final = "alert.cleared"
+    ALERT_ACKNOWLEDGED: Final = "alert.acknowledged"
+    NOTIFICATION_CREATED: Final = "notification.created"
+    NOTIFICATION_ACKED: Final = "notification.acked"
+    CONTROL_UPDATED: Final = "control.updated"
+    DEVICE_LATEST: Final = "device.latest"

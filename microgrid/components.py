@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from microgrid.logs import configure_logging
 from microgrid.settings import Settings, get_settings
@@ -50,15 +51,39 @@ def validator(s: Settings) -> None:
     asyncio.run(create_app(s).run())
 
 
+def alerter(s: Settings) -> None:
+    from stream_processors.alerter import create_app
+
+    asyncio.run(create_app(s).run())
+
+
 def projector(s: Settings) -> None:
-    from projections.telemetry import TelemetryProjector
+    """Both projections in one process, each its own consumer group."""
+    from microgrid.events import EventStream
+    from microgrid.metrics import report_lag, serve_metrics
+    from projections.alerts import AlertsProjection
+    from projections.base import Projection
+    from projections.telemetry import TelemetryProjection
 
     async def main() -> None:
-        p = TelemetryProjector(s)
+        events = EventStream(s)
+        projections: list[Projection[Any]] = [
+            TelemetryProjection(s, events),
+            AlertsProjection(s, events),
+        ]
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, p.stopping.set)
-        await p.run()
+        for p in projections:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, p.stopping.set)
+        serve_metrics(s, s.projector_metrics_port)
+        lags = [asyncio.create_task(report_lag(s, p.group, p.topic)) for p in projections]
+        try:
+            # one projection failing ends the process (and the supervisor restarts it)
+            await asyncio.gather(*(p.run() for p in projections))
+        finally:
+            for task in lags:
+                task.cancel()
+            await events.close()
 
     asyncio.run(main())
 
@@ -82,6 +107,7 @@ def simulator(s: Settings) -> None:
 COMPONENTS: dict[str, Callable[[Settings], None]] = {
     "gateway": gateway,
     "validator": validator,
+    "alerter": alerter,
     "projector": projector,
     "api": api,
 }

@@ -29,11 +29,16 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
     durability = {"min.insync.replicas": str(min(2, s.topic_replication_factor))}
     telemetry = {"retention.ms": str(s.telemetry_retention_hours * HOUR_MS), **durability}
     dlq = {"retention.ms": str(s.dlq_retention_hours * HOUR_MS), **durability}
+    compacted = {"cleanup.policy": "compact", **durability}
     n = s.device_topic_partitions
     return [
         TopicSpec(s.topic(Topics.TELEMETRY_RAW), n, telemetry),
         TopicSpec(s.topic(Topics.TELEMETRY_VALID), n, telemetry),
         TopicSpec(s.topic(Topics.TELEMETRY_DLQ), n, dlq),
+        TopicSpec(s.topic(Topics.ALERT_RULES), 1, compacted),
+        TopicSpec(s.topic(Topics.ALERTS), n, dlq),
+        # one changelog partition per telemetry.valid partition: state moves with its devices
+        TopicSpec(s.topic(Topics.ALERTER_STATE), n, compacted),
     ]
 
 

@@ -59,11 +59,14 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(5, ge=1, description="failed logins before a lockout")
     login_lockout_s: int = Field(300, ge=1)
     device_offline_after_s: int = Field(120, ge=1)
+    device_latest_interval_s: float = Field(2.0, ge=0, description="per-device SSE throttle")
+    event_stream_maxlen: int = Field(10_000, ge=100, description="events kept for resuming")
 
     # Prometheus endpoints of the consumer processes (HTTP apps serve /metrics themselves)
     metrics_host: str = "127.0.0.1"
     validator_metrics_port: int = 9101
     projector_metrics_port: int = 9102
+    alerter_metrics_port: int = 9103
 
     # Validation window for reading timestamps
     max_future_skew_s: int = Field(300, ge=0)
@@ -72,6 +75,7 @@ class Settings(BaseSettings):
     # Stream processors and projections
     validator_max_records: int = Field(500, ge=1)
     projector_max_records: int = Field(2000, ge=1)
+    alerter_max_records: int = Field(1000, ge=1)
 
     # Simulator run by `make dev`
     sim_devices: int = Field(48, ge=1)

@@ -1,11 +1,10 @@
-"""SQL of the telemetry projection: readings (COPY), devices, device_latest, positions."""
+"""SQL of the telemetry projection: readings (COPY), devices, device_latest."""
 
 from __future__ import annotations
 
 from datetime import date
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from contracts import Reading
 
@@ -39,49 +38,6 @@ WHERE EXCLUDED.ts >= device_latest.ts
 """
 
 
-class Position:
-    """Where a projection stands in one partition, as stored in `projection_offsets`."""
-
-    __slots__ = ("next_offset", "watermarks")
-
-    def __init__(self, next_offset: int, watermarks: dict[str, int]) -> None:
-        self.next_offset = next_offset  # -1: nothing projected yet
-        self.watermarks = watermarks
-
-
-async def load_positions(
-    conn: psycopg.AsyncConnection, projection: str, topic: str, partitions: list[int]
-) -> dict[int, Position]:
-    await conn.execute(
-        "INSERT INTO projection_offsets (projection, topic, partition, next_offset)"
-        " SELECT %s, %s, p, -1 FROM unnest(%s::int[]) AS p ON CONFLICT DO NOTHING",
-        (projection, topic, partitions),
-    )
-    cur = await conn.execute(
-        "SELECT partition, next_offset, source_watermarks FROM projection_offsets"
-        " WHERE projection = %s AND topic = %s AND partition = ANY(%s)",
-        (projection, topic, partitions),
-    )
-    return {p: Position(o, dict(w)) for p, o, w in await cur.fetchall()}
-
-
-async def save_position(
-    conn: psycopg.AsyncConnection,
-    projection: str,
-    topic: str,
-    partition: int,
-    expected: int,
-    new: Position,
-) -> bool:
-    """Move the stored position; False when another consumer moved it first (fencing)."""
-    cur = await conn.execute(
-        "UPDATE projection_offsets SET next_offset = %s, source_watermarks = %s, updated_at = now()"
-        " WHERE projection = %s AND topic = %s AND partition = %s AND next_offset = %s",
-        (new.next_offset, Jsonb(new.watermarks), projection, topic, partition, expected),
-    )
-    return cur.rowcount == 1
-
-
 async def ensure_partitions(conn: psycopg.AsyncConnection, days: set[date]) -> None:
     for day in sorted(days):
         await conn.execute("SELECT ensure_telemetry_partition(%s)", (day,))
@@ -106,7 +62,9 @@ async def write_readings(conn: psycopg.AsyncConnection, readings: list[Reading])
             )
 
 
-async def upsert_devices(conn: psycopg.AsyncConnection, readings: list[Reading]) -> None:
+async def upsert_devices(conn: psycopg.AsyncConnection, readings: list[Reading]) -> list[Reading]:
+    """Register or refresh the readings' devices and their latest values; return the latest
+    reading of each device."""
     latest: dict[str, Reading] = {}
     first: dict[str, Reading] = {}
     for r in readings:
@@ -144,3 +102,4 @@ async def upsert_devices(conn: psycopg.AsyncConnection, readings: list[Reading])
             [r.temperature_c for r in rows],
         ),
     )
+    return rows

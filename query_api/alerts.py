@@ -10,6 +10,7 @@ from litestar.datastructures import State
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
+from contracts import Events
 from contracts.alerting import SEVERITIES
 from contracts.api import Alert, AlertPage, Notification, NotificationPage
 from microgrid.http import problem
@@ -43,11 +44,41 @@ LIMIT %(limit)s
 """
 
 ACK_SQL = """
-UPDATE notifications SET acked_at = coalesce(acked_at, now()), acked_by = coalesce(acked_by, %s)
-WHERE id = %s
-RETURNING id, alert_id, device_id, site_id, kind, severity, title, created_at, true AS read,
-          acked_at, acked_by
+WITH before AS (SELECT id, acked_at FROM notifications WHERE id = %(id)s FOR UPDATE)
+UPDATE notifications n
+SET acked_at = coalesce(n.acked_at, now()), acked_by = coalesce(n.acked_by, %(user)s)
+FROM before WHERE n.id = before.id
+RETURNING n.id, n.alert_id, n.device_id, n.site_id, n.kind, n.severity, n.title, n.created_at,
+          true AS read, n.acked_at, n.acked_by, before.acked_at IS NULL AS first_ack
 """
+
+ALERT_ACK_SQL = """
+WITH before AS (SELECT id, acknowledged_at FROM alerts WHERE id = %(id)s FOR UPDATE)
+UPDATE alerts a
+SET acknowledged_at = coalesce(a.acknowledged_at, now()),
+    acknowledged_by = coalesce(a.acknowledged_by, %(user)s),
+    status = CASE a.status WHEN 'active_unacknowledged' THEN 'active_acknowledged'
+                           WHEN 'cleared_unacknowledged' THEN 'cleared' ELSE a.status END
+FROM before WHERE a.id = before.id
+RETURNING a.id, a.rule_id::text, a.device_id, a.site_id, a.severity, a.status, a.message,
+          a.value, a.opened_at, a.cleared_at, a.acknowledged_at, a.acknowledged_by,
+          before.acknowledged_at IS NULL AS first_ack
+"""
+
+
+async def _acknowledge(
+    state: State, sql: str, ident: str, user: str, event: str, what: str
+) -> dict[str, Any]:
+    async with state.pool.connection() as conn:
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(sql, {"id": ident, "user": user})
+        row = await cur.fetchone()
+    if row is None:
+        raise problem(404, f"Unknown {what}", f"no {what} {ident!r}")
+    if row.pop("first_ack"):
+        await state.events.append([(event, row)])
+    return row
+
 
 Severity = Annotated[str | None, Parameter(description=", ".join(SEVERITIES))]
 Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
@@ -93,6 +124,22 @@ class AlertController(Controller):
         rows, next_cursor = page_of(rows, limit, lambda r: ts_key(r["opened_at"], r["id"]))
         return AlertPage(items=[Alert(**r) for r in rows], next_cursor=next_cursor)
 
+    @post("/{alert_id:str}/ack", guards=[OPERATORS], status_code=200)
+    async def ack_alert(
+        self, state: State, request: Request[Any, Any, Any], alert_id: str
+    ) -> Alert:
+        """Acknowledge an alert: active -> active_acknowledged, cleared_unacknowledged ->
+        cleared. Acking twice keeps the first acknowledgement."""
+        row = await _acknowledge(
+            state,
+            ALERT_ACK_SQL,
+            alert_id,
+            request.user.username,
+            Events.ALERT_ACKNOWLEDGED,
+            "alert",
+        )
+        return Alert(**row)
+
 
 class NotificationController(Controller):
     path = "/api/v1/notifications"
@@ -127,10 +174,12 @@ class NotificationController(Controller):
         self, state: State, request: Request[Any, Any, Any], notification_id: str
     ) -> Notification:
         """Mark a notification read. Acking twice keeps the first ack."""
-        async with state.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(ACK_SQL, (request.user.username, notification_id))
-            row = await cur.fetchone()
-        if row is None:
-            raise problem(404, "Unknown notification", f"no notification {notification_id!r}")
+        row = await _acknowledge(
+            state,
+            ACK_SQL,
+            notification_id,
+            request.user.username,
+            Events.NOTIFICATION_ACKED,
+            "notification",
+        )
         return Notification(**row)

@@ -12,6 +12,8 @@ from litestar.static_files import create_static_files_router
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
+from contracts import Topics
+from microgrid.events import EventStream
 from microgrid.http import (
     MetricsController,
     cors_config,
@@ -21,14 +23,15 @@ from microgrid.http import (
     problem_details_plugin,
     prometheus_config,
 )
-from microgrid.kafka import KafkaProbe
+from microgrid.kafka import KafkaProbe, RenewableProducer
 from microgrid.settings import Settings, get_settings
 from query_api.alerts import AlertController, NotificationController
 from query_api.auth import LoginThrottle, ensure_demo_users, jwt_auth, login
 from query_api.control import ControlCommandController
 from query_api.devices import DeviceController
 from query_api.ops import readyz
-from query_api.rules import AlertRuleController
+from query_api.rules import AlertRuleController, publish_all_rules
+from query_api.stream import stream
 from ui import STATIC_DIR
 
 
@@ -48,6 +51,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await pool.open()
         redis = Redis.from_url(s.redis_url)
         probe = KafkaProbe(s)
+        producer = RenewableProducer(s, "microgrid-api")
+        await producer.start()
+        events = EventStream(s)
         app.state.update(
             settings=s,
             pool=pool,
@@ -55,10 +61,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             kafka_probe=probe,
             jwt_auth=auth,
             login_throttle=LoginThrottle(redis, s.login_max_failures, s.login_lockout_s),
+            producer=producer,
+            events=events,
+            rules_topic=s.topic(Topics.ALERT_RULES),
         )
+        async with pool.connection() as conn:
+            await publish_all_rules(conn, app.state)
         try:
             yield
         finally:
+            await events.close()
+            await producer.stop()
             await probe.close()
             await redis.aclose()
             await pool.close()
@@ -74,6 +87,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AlertRuleController,
             healthz,
             readyz,
+            stream,
             MetricsController,
             create_static_files_router(
                 path="/",

@@ -1,17 +1,31 @@
-"""Alert rules: anyone reads them, admins create, replace and delete them."""
+"""Alert rules: anyone reads them, admins create, replace and delete them.
+
+Every change is also published to the compacted `alert-rules` topic (keyed by rule id, a
+tombstone for a deletion) inside the database transaction, so a rule is stored only if the
+alerters will see it. At start the API republishes every stored rule.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import msgspec
+import psycopg
+from aiokafka.errors import KafkaError
 from litestar import Controller, delete, get, post, put
 from litestar.datastructures import State
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from contracts.alerting import OPTIONAL_FIELDS, AlertRuleSpec, RuleScope, rule_errors
+from contracts.alerting import (
+    OPTIONAL_FIELDS,
+    AlertRuleRecord,
+    AlertRuleSpec,
+    RuleScope,
+    rule_errors,
+)
 from contracts.api import AlertRule, AlertRulePage
 from microgrid.http import problem
 from query_api.auth import ADMINS
@@ -40,6 +54,36 @@ def _rule(row: dict[str, Any]) -> AlertRule:
     return AlertRule(**row)
 
 
+def _record(rule: AlertRule) -> bytes:
+    fields = {f: getattr(rule, f) for f in (*FIELDS, "scope")}
+    return msgspec.json.encode(AlertRuleRecord(id=rule.id, **fields))
+
+
+async def publish_rule(state: State, rule_id: str, value: bytes | None) -> None:
+    producer = state.producer.producer
+    try:
+        await asyncio.wait_for(
+            producer.send_and_wait(state.rules_topic, value, key=rule_id.encode()), timeout=5
+        )
+    except (KafkaError, TimeoutError) as exc:
+        await state.producer.renew_if_broken()
+        raise problem(
+            503,
+            "Rules log unavailable",
+            "the change was not stored; retry",
+            headers={"Retry-After": "2"},
+        ) from exc
+
+
+async def publish_all_rules(conn: psycopg.AsyncConnection, state: State) -> int:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(f"SELECT {COLUMNS} FROM alert_rules")
+    rules = [_rule(r) for r in await cur.fetchall()]
+    for rule in rules:
+        await publish_rule(state, rule.id, _record(rule))
+    return len(rules)
+
+
 class AlertRuleController(Controller):
     path = "/api/v1/alert-rules"
     tags = ["alert rules"]
@@ -66,29 +110,34 @@ class AlertRuleController(Controller):
     @post(guards=[ADMINS], status_code=201)
     async def create_rule(self, state: State, data: AlertRuleSpec) -> AlertRule:
         values = _checked(data)
-        async with state.pool.connection() as conn:
+        async with state.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(INSERT_SQL, [uuid.uuid4(), *values])
             row = await cur.fetchone()
-        assert row is not None
-        return _rule(row)
+            assert row is not None
+            rule = _rule(row)
+            await publish_rule(state, rule.id, _record(rule))
+        return rule
 
     @put("/{rule_id:uuid}", guards=[ADMINS])
     async def replace_rule(
         self, state: State, rule_id: uuid.UUID, data: AlertRuleSpec
     ) -> AlertRule:
         values = _checked(data)
-        async with state.pool.connection() as conn:
+        async with state.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(UPDATE_SQL, [*values, rule_id])
             row = await cur.fetchone()
-        if row is None:
-            raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
-        return _rule(row)
+            if row is None:
+                raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
+            rule = _rule(row)
+            await publish_rule(state, rule.id, _record(rule))
+        return rule
 
     @delete("/{rule_id:uuid}", guards=[ADMINS], status_code=204)
     async def delete_rule(self, state: State, rule_id: uuid.UUID) -> None:
-        async with state.pool.connection() as conn:
+        async with state.pool.connection() as conn, conn.transaction():
             cur = await conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))
-        if cur.rowcount == 0:
-            raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
+            if cur.rowcount == 0:
+                raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
+            await publish_rule(state, str(rule_id), None)

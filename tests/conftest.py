@@ -72,6 +72,7 @@ def stack(base_settings: Settings) -> Iterator[Settings]:
         "API_PORT": str(free_port()),
         "VALIDATOR_METRICS_PORT": str(free_port()),
         "PROJECTOR_METRICS_PORT": str(free_port()),
+        "ALERTER_METRICS_PORT": str(free_port()),
         "ENVIRONMENT": "test",
         "DEVICE_TOPIC_PARTITIONS": "4",
     }
@@ -94,7 +95,11 @@ class Components:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, alias: str | None = None, **env: str) -> None:
-        log = (self.log_dir / f"{alias or name}.log").open("ab")
+        log_path = self.log_dir / f"{alias or name}.log"
+        seen = (
+            log_path.read_text(errors="replace").count("restored state") if log_path.exists() else 0
+        )
+        log = log_path.open("ab")
         self.procs[alias or name] = subprocess.Popen(
             [sys.executable, "-m", "microgrid.components", name],
             stdout=log,
@@ -107,6 +112,12 @@ class Components:
             default = self.s.gateway_port if name == "gateway" else self.s.api_port
             url = f"http://127.0.0.1:{port or default}"
             wait_for(lambda: self.healthy(url), 30, f"{name} /healthz")
+        if name == "alerter":  # a new group starts at the log's end: wait until it has joined
+            wait_for(
+                lambda: log_path.read_text(errors="replace").count("restored state") > seen,
+                60,
+                "alerter to join its group",
+            )
 
     @staticmethod
     def healthy(url: str) -> bool:
@@ -147,7 +158,7 @@ class Components:
 @pytest.fixture(scope="session")
 def platform(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Components]:
     components = Components(stack, tmp_path_factory.mktemp("logs"))
-    for name in ("validator", "projector", "gateway", "api"):
+    for name in ("validator", "projector", "gateway", "api", "alerter"):
         components.start(name)
     yield components
     components.stop_all()

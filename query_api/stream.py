@@ -1,0 +1,98 @@
+"""`GET /api/v1/stream`: live read-model changes as server-sent events.
+
+Each client reads the capped Redis stream at its own pace with its own cursor, so a slow client
+costs only its own bounded batch and never slows the others. A client that reconnects with
+`Last-Event-ID` gets every event still in the stream after that id; one that fell so far behind
+that its next event was trimmed gets an `error` event and is disconnected. Comments keep idle
+connections alive through proxies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from litestar import Request, get
+from litestar.datastructures import State
+from litestar.exceptions import NotAuthorizedException
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.security.jwt import Token
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from contracts import Streams
+from microgrid.http import problem
+
+HEARTBEAT_MS = 15_000
+BATCH = 200
+
+
+def _authenticate(request: Request[Any, Any, Any], state: State, query_token: str | None) -> str:
+    scheme, _, header_token = request.headers.get("authorization", "").partition(" ")
+    encoded = header_token if scheme.lower() == "bearer" and header_token else query_token
+    if not encoded:
+        raise problem(401, "Missing token", "send a bearer token, or access_token=<token>")
+    try:
+        token = Token.decode(encoded, state.settings.auth_token_secret, "HS256")
+    except NotAuthorizedException as exc:
+        raise problem(401, "Invalid token", str(exc.detail)) from exc
+    return token.sub
+
+
+def _older(a: str, b: str) -> bool:
+    ams, _, aseq = a.partition("-")
+    bms, _, bseq = b.partition("-")
+    return (int(ams), int(aseq or 0)) < (int(bms), int(bseq or 0))
+
+
+async def _events(
+    redis: Redis, key: str, cursor: str, notice: str | None
+) -> AsyncIterator[ServerSentEventMessage]:
+    if notice:
+        yield ServerSentEventMessage(event="error", data=f'{{"reason": "{notice}"}}')
+    while True:
+        try:
+            found: Any = await redis.xread({key: cursor}, count=BATCH, block=HEARTBEAT_MS)
+        except RedisError:  # Redis gone (or the API stopping): end; the client reconnects
+            return
+        if not found:
+            yield ServerSentEventMessage(comment="keep-alive")
+            continue
+        entries = found[0][1]
+        if cursor != "$" and len(entries) == BATCH:
+            first: Any = await redis.xrange(key, count=1)
+            if first and _older(cursor, first[0][0].decode()):
+                yield ServerSentEventMessage(
+                    event="error", data='{"reason": "fell behind: events were dropped"}'
+                )
+                return
+        for entry_id, fields in entries:
+            cursor = entry_id.decode()
+            yield ServerSentEventMessage(
+                id=cursor, event=fields[b"event"].decode(), data=fields[b"data"].decode()
+            )
+
+
+@get("/api/v1/stream", opt={"public": True}, tags=["stream"])
+async def stream(
+    request: Request[Any, Any, Any],
+    state: State,
+    access_token: Annotated[str | None, Parameter(description="for EventSource clients")] = None,
+    last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+) -> ServerSentEvent:
+    """alert.*, notification.*, control.updated and device.latest events, as they happen."""
+    _authenticate(request, state, access_token)
+    key = state.settings.topic(Streams.EVENTS)
+    cursor, notice = "$", None
+    if last_event_id:
+        try:
+            _older(last_event_id, "0-0")
+        except ValueError as exc:
+            raise problem(400, "Invalid Last-Event-ID", "pass back an event id") from exc
+        cursor = last_event_id
+        first: Any = await state.redis.xrange(key, count=1)
+        if first and _older(cursor, first[0][0].decode()):
+            # resumed too late: say so, then send what is left
+            cursor, notice = "0-0", "resumed after events were dropped: reload the views"
+    return ServerSentEvent(_events(state.redis, key, cursor, notice))

@@ -1,0 +1,228 @@
+"""Pure core of the alerter: rules x reading x state -> alert events. No I/O, no clock.
+
+State is kept per device (`DeviceState`), with one `RuleState` per rule that concerns the
+device. `evaluate_reading` and `evaluate_silence` update the state they are given in place and
+return the events to emit. Alert ids are derived from rule, device and the start of the
+episode, so evaluating the same readings again yields the same ids.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+
+from contracts import Reading
+from contracts.alerting import AlertEvent, AlertEventKind, AlertRuleRecord, Severity
+
+_ID_NAMESPACE = uuid.UUID("6f3c1d52-8a43-4a4f-9a55-3f3c0b5d2e11")
+
+
+class RuleState(msgspec.Struct, omit_defaults=True):
+    open_id: str | None = None  # the open episode's alert id
+    rule_name: str = ""
+    severity: Severity = "warning"
+    pending_since: datetime | None = None  # first breaching reading, while `for_s` runs
+    samples: list[tuple[datetime, float]] = msgspec.field(default_factory=list)
+
+
+class DeviceState(msgspec.Struct, omit_defaults=True):
+    device_id: str
+    site_id: str
+    device_type: str
+    last_ts: datetime | None = None
+    last_offset: int = -1  # telemetry.valid offset of the last reading evaluated
+    rules: dict[str, RuleState] = msgspec.field(default_factory=dict)
+
+
+def alert_id(rule_id: str, device_id: str, start: datetime) -> str:
+    return str(
+        uuid.uuid5(_ID_NAMESPACE, f"{rule_id}|{device_id}|{start.astimezone(UTC).isoformat()}")
+    )
+
+
+def applies(rule: AlertRuleRecord, state: DeviceState) -> bool:
+    scope = rule.scope
+    return rule.enabled and (
+        (scope.device_id is None or scope.device_id == state.device_id)
+        and (scope.site_id is None or scope.site_id == state.site_id)
+        and (scope.device_type is None or scope.device_type == state.device_type)
+    )
+
+
+def _breaches(rule: AlertRuleRecord, value: float) -> bool:
+    if rule.op == "outside":
+        assert rule.low is not None and rule.high is not None
+        return value < rule.low or value > rule.high
+    assert rule.threshold is not None
+    return value > rule.threshold if rule.op == "gt" else value < rule.threshold
+
+
+def _clears(rule: AlertRuleRecord, value: float) -> bool:
+    """Hysteresis: an open alert clears only past `clear_threshold` (default: threshold)."""
+    if rule.op == "outside":
+        assert rule.low is not None and rule.high is not None
+        return rule.low <= value <= rule.high
+    limit = rule.clear_threshold if rule.clear_threshold is not None else rule.threshold
+    assert limit is not None
+    return value <= limit if rule.op == "gt" else value >= limit
+
+
+def _rate(rule: AlertRuleRecord, rs: RuleState, ts: datetime, value: float) -> float | None:
+    assert rule.window_s is not None
+    horizon = ts - timedelta(seconds=rule.window_s)
+    rs.samples = [(t, v) for t, v in rs.samples if t >= horizon]
+    rs.samples.append((ts, value))
+    t0, v0 = rs.samples[0]
+    dt = (ts - t0).total_seconds()
+    return (value - v0) / dt if dt > 0 else None
+
+
+def _rate_breaches(rule: AlertRuleRecord, rate: float) -> bool:
+    assert rule.threshold is not None
+    if rule.op == "lt":
+        return rate < -rule.threshold
+    if rule.op == "gt":
+        return rate > rule.threshold
+    return abs(rate) > rule.threshold
+
+
+def _event(
+    kind: AlertEventKind,
+    rule_id: str,
+    rs: RuleState,
+    state: DeviceState,
+    at: datetime,
+    value: float | None,
+    message: str,
+) -> AlertEvent:
+    assert rs.open_id is not None
+    return AlertEvent(
+        alert_id=rs.open_id,
+        kind=kind,
+        rule_id=rule_id,
+        rule_name=rs.rule_name,
+        device_id=state.device_id,
+        site_id=state.site_id,
+        severity=rs.severity,
+        at=at,
+        value=value,
+        message=message,
+    )
+
+
+def _open(
+    rule: AlertRuleRecord,
+    rs: RuleState,
+    state: DeviceState,
+    start: datetime,
+    at: datetime,
+    value: float | None,
+    message: str,
+) -> AlertEvent:
+    rs.open_id = alert_id(rule.id, state.device_id, start)
+    rs.rule_name, rs.severity, rs.pending_since = rule.name, rule.severity, None
+    return _event("opened", rule.id, rs, state, at, value, message)
+
+
+def _close(
+    rule_id: str, rs: RuleState, state: DeviceState, at: datetime, value: float | None, message: str
+) -> AlertEvent:
+    event = _event("cleared", rule_id, rs, state, at, value, message)
+    rs.open_id, rs.pending_since = None, None
+    return event
+
+
+def _describe(rule: AlertRuleRecord, value: float) -> str:
+    if rule.kind == "rate_of_change":
+        return f"{rule.metric} changing at {value:.4g}/s (limit {rule.threshold:g}/s)"
+    if rule.op == "outside":
+        return f"{rule.metric} {value:g} outside [{rule.low:g}, {rule.high:g}]"
+    word = "above" if rule.op == "gt" else "below"
+    return f"{rule.metric} {value:g} {word} {rule.threshold:g}"
+
+
+def _metric_rule(
+    rule: AlertRuleRecord, rs: RuleState, state: DeviceState, reading: Reading
+) -> AlertEvent | None:
+    value = getattr(reading, rule.metric or "", None)
+    if value is None:
+        return None
+    ts = reading.ts
+    if rule.kind == "rate_of_change":
+        rate = _rate(rule, rs, ts, value)
+        if rate is None:
+            return None
+        breach, clear, shown = _rate_breaches(rule, rate), not _rate_breaches(rule, rate), rate
+    else:
+        breach, clear, shown = _breaches(rule, value), _clears(rule, value), value
+    if rs.open_id is not None:
+        return (
+            _close(rule.id, rs, state, ts, value, f"back to normal: {rule.metric} {value:g}")
+            if clear
+            else None
+        )
+    if not breach:
+        rs.pending_since = None
+        return None
+    if rs.pending_since is None:
+        rs.pending_since = ts
+    if (ts - rs.pending_since).total_seconds() >= (rule.for_s or 0):
+        return _open(rule, rs, state, rs.pending_since, ts, value, _describe(rule, shown))
+    return None
+
+
+def _drop_stale_rules(
+    rules: dict[str, AlertRuleRecord], state: DeviceState, at: datetime
+) -> list[AlertEvent]:
+    events = []
+    for rule_id in [r for r in state.rules if r not in rules or not applies(rules[r], state)]:
+        rs = state.rules.pop(rule_id)
+        if rs.open_id is not None:
+            events.append(
+                _close(rule_id, rs, state, at, None, "rule deleted, disabled or rescoped")
+            )
+    return events
+
+
+def evaluate_reading(
+    rules: dict[str, AlertRuleRecord], reading: Reading, state: DeviceState
+) -> list[AlertEvent]:
+    """Apply one reading of `state`'s device to every rule; return the alert edges it causes."""
+    if state.last_ts is not None and reading.ts < state.last_ts:
+        return []  # an older reading arriving late says nothing about the present
+    state.site_id = reading.site_id
+    events = _drop_stale_rules(rules, state, reading.ts)
+    for rule in rules.values():
+        if not applies(rule, state):
+            continue
+        rs = state.rules.setdefault(rule.id, RuleState())
+        if rule.kind == "offline":
+            if rs.open_id is not None:
+                events.append(_close(rule.id, rs, state, reading.ts, None, "reporting again"))
+            continue
+        event = _metric_rule(rule, rs, state, reading)
+        if event is not None:
+            events.append(event)
+    state.last_ts = reading.ts
+    return events
+
+
+def evaluate_silence(
+    rules: dict[str, AlertRuleRecord], state: DeviceState, now: datetime
+) -> list[AlertEvent]:
+    """Open offline alerts for a device silent longer than a rule's `silent_s`."""
+    if state.last_ts is None:
+        return []
+    events = []
+    silent = (now - state.last_ts).total_seconds()
+    for rule in rules.values():
+        if rule.kind != "offline" or not applies(rule, state):
+            continue
+        rs = state.rules.setdefault(rule.id, RuleState())
+        assert rule.silent_s is not None
+        if rs.open_id is None and silent > rule.silent_s:
+            message = f"no reading for {silent:.0f} s (limit {rule.silent_s:g} s)"
+            events.append(_open(rule, rs, state, state.last_ts, now, None, message))
+    return events
