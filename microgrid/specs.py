@@ -16,6 +16,8 @@ from typing import Any
 import msgspec
 
 from contracts import Reading, ReadingBatch, Topics
+from contracts.alerting import AlertEvent
+from stream_processors.alerting import DeviceState
 from microgrid.settings import PROJECT_ROOT, Settings
 
 CONTRACTS_DIR = PROJECT_ROOT / "contracts"
@@ -25,6 +27,8 @@ TOPIC_PAYLOADS: dict[str, tuple[type, ...]] = {
     Topics.TELEMETRY_RAW: (Reading, ReadingBatch),
     Topics.TELEMETRY_VALID: (ReadingBatch,),
     Topics.TELEMETRY_DLQ: (),
+    Topics.ALERTS: (AlertEvent,),
+    Topics.ALERTER_STATE: (DeviceState,),
 }
 
 
@@ -49,16 +53,26 @@ def _query_api() -> dict[str, Any]:
     return _openapi(create_app)
 
 
-def _validator() -> dict[str, Any]:
+def _asyncapi(title: str, factory: Callable[[Settings], Any]) -> dict[str, Any]:
     from faststream.specification import AsyncAPI
 
-    from stream_processors.validator import create_app
-
-    app = create_app(_defaults())
+    app = factory(_defaults())
     assert app.broker is not None
-    spec = AsyncAPI(app.broker, title="Microgrid validator", version="1")
+    spec = AsyncAPI(app.broker, title=title, version="1")
     doc: dict[str, Any] = json.loads(spec.to_specification().to_json())
     return with_payloads(doc)
+
+
+def _validator() -> dict[str, Any]:
+    from stream_processors.validator import create_app
+
+    return _asyncapi("Microgrid validator", create_app)
+
+
+def _alerter() -> dict[str, Any]:
+    from stream_processors.alerter import create_app
+
+    return _asyncapi("Microgrid alerter", create_app)
 
 
 def with_payloads(doc: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +101,7 @@ DOCUMENTS: dict[str, Callable[[], dict[str, Any]]] = {
     "openapi/ingest-gateway.json": _gateway,
     "openapi/query-api.json": _query_api,
     "asyncapi/validator.json": _validator,
+    "asyncapi/alerter.json": _alerter,
 }
 
 
