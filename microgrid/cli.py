@@ -57,8 +57,8 @@ def stack_down(
         svc.down()
         typer.echo(f"{svc.name:<9} stopped")
         if purge:
-            shutil.rmtree(svc.home, ignore_errors=True)
-            typer.echo(f"{svc.name:<9} data deleted ({svc.home})")
+            shutil.rmtree(svc.data, ignore_errors=True)
+            typer.echo(f"{svc.name:<9} data deleted ({svc.data})")
 
 
 @stack_app.command("status")

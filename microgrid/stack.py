@@ -379,6 +379,7 @@ class Redis:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self.home = settings.stack_dir / "redis"
+        self.data = self.home
         self.pidfile = self.home / "redis.pid"
         self.log = self.home / "redis.log"
         self.port = urlsplit(settings.redis_url).port or 6379

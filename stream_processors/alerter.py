@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -230,9 +230,15 @@ class Alerter:
             try:
                 async with self.lock:
                     now = datetime.now(UTC)
+                    silences = [r.silent_s for r in self.rules.values() if r.kind == "offline"]
+                    if not silences:
+                        continue
+                    recent = now - timedelta(seconds=min(s for s in silences if s is not None))
                     events: list[AlertEvent] = []
                     changed: dict[str, DeviceState] = {}
                     for device, state in self.states.items():
+                        if state.last_ts is not None and state.last_ts >= recent:
+                            continue  # reported lately: no offline rule can fire
                         found = evaluate_silence(self.rules, state, now)
                         if found:
                             events.extend(found)
