@@ -17,8 +17,8 @@ import msgspec
 
 from contracts import Reading, ReadingBatch, Topics
 from contracts.alerting import AlertEvent
-from stream_processors.alerting import DeviceState
 from microgrid.settings import PROJECT_ROOT, Settings
+from stream_processors.alerting import DeviceState
 
 CONTRACTS_DIR = PROJECT_ROOT / "contracts"
 
