@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Final
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
 
 # command -> {param: (low, high)}; an empty dict means the command takes no parameters.
 ANY_DEVICE: Final[dict[str, dict[str, tuple[float, float]]]] = {"reboot": {}}
@@ -40,3 +44,49 @@ def command_errors(device_type: str, command: str, params: dict[str, Any]) -> li
         elif not low <= value <= high:
             errors.append({"field": f"params.{name}", "message": f"must lie in [{low}, {high}]"})
     return errors
+
+
+Status = Literal["queued", "processing", "succeeded", "failed"]
+TERMINAL: Final = ("succeeded", "failed")
+
+
+class CommandRequested(msgspec.Struct, frozen=True, kw_only=True):
+    """On `control.commands`, keyed by device id: an operator asked for this."""
+
+    id: str
+    device_id: str
+    command: str
+    params: dict[str, Any]
+    requested_at: datetime
+    deadline: datetime
+
+
+class CommandDispatch(msgspec.Struct, frozen=True, kw_only=True):
+    """On `control.dispatch`, keyed by device id: what a device is to execute."""
+
+    id: str
+    device_id: str
+    command: str
+    params: dict[str, Any]
+    deadline: datetime
+
+
+class CommandResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A device's reply: on `control.results` keyed by device id, or
+    `POST /api/v1/control/commands/{id}/result` (where `id` and `device_id` come from the path
+    and the key)."""
+
+    status: Literal["succeeded", "failed"]
+    reason: Annotated[str, Meta(max_length=500)] = ""
+    id: str = ""
+    device_id: str = ""
+
+
+class ControlEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """On `control.events`, keyed by device id: one lifecycle transition."""
+
+    command_id: str
+    device_id: str
+    status: Status
+    at: datetime
+    reason: str | None = None

@@ -10,6 +10,11 @@ class Topics:
     ALERT_RULES: Final = "alert-rules"  # compacted, keyed by rule id; a tombstone deletes
     ALERTS: Final = "alerts"  # alert events, keyed by device id
     ALERTER_STATE: Final = "alerter.state"  # compacted changelog of per-device alert state
+    CONTROL_COMMANDS: Final = "control.commands"  # requested commands, keyed by device id
+    CONTROL_DISPATCH: Final = "control.dispatch"  # commands for devices to execute
+    CONTROL_RESULTS: Final = "control.results"  # devices' replies
+    CONTROL_EVENTS: Final = "control.events"  # every lifecycle transition
+    CONTROLLER_STATE: Final = "controller.state"  # compacted changelog, keyed by command id
 
 
 class Headers:
@@ -28,6 +33,9 @@ class Groups:
     TELEMETRY_PROJECTOR: Final = "microgrid.projector.telemetry"
     ALERTER: Final = "microgrid.alerter"
     ALERTS_PROJECTOR: Final = "microgrid.projector.alerts"
+    CONTROLLER: Final = "microgrid.controller"
+    CONTROL_PROJECTOR: Final = "microgrid.projector.control"
+    SIMULATOR: Final = "microgrid.simulator"
 
 
 class Streams:

@@ -19,6 +19,7 @@ from litestar.datastructures import State
 from psycopg_pool import AsyncConnectionPool
 
 from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
+from ingest_gateway.commands import command_result, next_command
 from ingest_gateway.keys import KeyStore, KeyStoreUnavailable
 from microgrid.http import (
     MetricsController,
@@ -196,7 +197,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await pool.close()
 
     return Litestar(
-        route_handlers=[ingest_reading, ingest_batch, healthz, MetricsController],
+        route_handlers=[
+            ingest_reading,
+            ingest_batch,
+            next_command,
+            command_result,
+            healthz,
+            MetricsController,
+        ],
         lifespan=[lifespan],
         middleware=[prometheus_config("ingest_gateway").middleware],
         plugins=[problem_details_plugin()],

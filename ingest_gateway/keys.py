@@ -41,7 +41,7 @@ class KeyStore:
     """Resolves a presented key to its site, with a bounded time-limited cache (hits and misses)."""
 
     def __init__(self, pool: AsyncConnectionPool, ttl_s: float, max_entries: int = 100_000):
-        self._pool = pool
+        self.pool = pool
         self._ttl = ttl_s
         self._max = max_entries
         self._cache: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
@@ -54,7 +54,7 @@ class KeyStore:
         if hit is not None and hit[0] > now:
             return hit[1]
         try:
-            async with self._pool.connection(timeout=LOOKUP_TIMEOUT_S) as conn:
+            async with self.pool.connection(timeout=LOOKUP_TIMEOUT_S) as conn:
                 cur = await conn.execute(
                     "SELECT site_id FROM device_keys WHERE key_hash = %s AND revoked_at IS NULL",
                     (hash_key(key),),

@@ -57,12 +57,19 @@ def alerter(s: Settings) -> None:
     asyncio.run(create_app(s).run())
 
 
+def controller(s: Settings) -> None:
+    from stream_processors.controller import create_app
+
+    asyncio.run(create_app(s).run())
+
+
 def projector(s: Settings) -> None:
-    """Both projections in one process, each its own consumer group."""
+    """Every projection in one process, each its own consumer group."""
     from microgrid.events import EventStream
     from microgrid.metrics import report_lag, serve_metrics
     from projections.alerts import AlertsProjection
     from projections.base import Projection
+    from projections.control import ControlProjection
     from projections.telemetry import TelemetryProjection
 
     async def main() -> None:
@@ -70,6 +77,7 @@ def projector(s: Settings) -> None:
         projections: list[Projection[Any]] = [
             TelemetryProjection(s, events),
             AlertsProjection(s, events),
+            ControlProjection(s, events),
         ]
         loop = asyncio.get_running_loop()
         for p in projections:
@@ -108,6 +116,7 @@ COMPONENTS: dict[str, Callable[[Settings], None]] = {
     "gateway": gateway,
     "validator": validator,
     "alerter": alerter,
+    "controller": controller,
     "projector": projector,
     "api": api,
 }

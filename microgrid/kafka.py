@@ -7,7 +7,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
@@ -39,6 +39,11 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
         TopicSpec(s.topic(Topics.ALERTS), n, dlq),
         # one changelog partition per telemetry.valid partition: state moves with its devices
         TopicSpec(s.topic(Topics.ALERTER_STATE), n, compacted),
+        TopicSpec(s.topic(Topics.CONTROL_COMMANDS), n, dlq),
+        TopicSpec(s.topic(Topics.CONTROL_DISPATCH), n, dlq),
+        TopicSpec(s.topic(Topics.CONTROL_RESULTS), n, dlq),
+        TopicSpec(s.topic(Topics.CONTROL_EVENTS), n, dlq),
+        TopicSpec(s.topic(Topics.CONTROLLER_STATE), n, compacted),
     ]
 
 
@@ -159,6 +164,36 @@ class RenewableProducer:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(old.stop(), timeout=5)
             return True
+
+
+async def read_to_end(
+    s: Settings, partitions: list[TopicPartition]
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record now in these partitions, from their beginning."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=s.kafka_bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        # explicit offsets: seek_to_beginning right after assign can lose to the default reset
+        for tp, begin in (await consumer.beginning_offsets(partitions)).items():
+            consumer.seek(tp, begin)
+        out: list[ConsumerRecord[bytes, bytes]] = []
+        pending = {tp for tp in partitions if ends[tp] > 0}
+        while pending:
+            polled = await consumer.getmany(*pending, timeout_ms=500)
+            for tp, records in polled.items():
+                out.extend(records)
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    pending.discard(tp)
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+        return out
+    finally:
+        await consumer.stop()
 
 
 def reliable_producer(s: Settings, **overrides: object) -> AIOKafkaProducer:

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     validator_metrics_port: int = 9101
     projector_metrics_port: int = 9102
     alerter_metrics_port: int = 9103
+    controller_metrics_port: int = 9104
 
     # Validation window for reading timestamps
     max_future_skew_s: int = Field(300, ge=0)

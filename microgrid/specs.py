@@ -17,8 +17,10 @@ import msgspec
 
 from contracts import Reading, ReadingBatch, Topics
 from contracts.alerting import AlertEvent
+from contracts.control import CommandDispatch, CommandRequested, CommandResult, ControlEvent
 from microgrid.settings import PROJECT_ROOT, Settings
 from stream_processors.alerting import DeviceState
+from stream_processors.lifecycle import CommandState
 
 CONTRACTS_DIR = PROJECT_ROOT / "contracts"
 
@@ -29,6 +31,11 @@ TOPIC_PAYLOADS: dict[str, tuple[type, ...]] = {
     Topics.TELEMETRY_DLQ: (),
     Topics.ALERTS: (AlertEvent,),
     Topics.ALERTER_STATE: (DeviceState,),
+    Topics.CONTROL_COMMANDS: (CommandRequested,),
+    Topics.CONTROL_RESULTS: (CommandResult,),
+    Topics.CONTROL_DISPATCH: (CommandDispatch,),
+    Topics.CONTROL_EVENTS: (ControlEvent,),
+    Topics.CONTROLLER_STATE: (CommandState,),
 }
 
 
@@ -69,6 +76,12 @@ def _validator() -> dict[str, Any]:
     return _asyncapi("Microgrid validator", create_app)
 
 
+def _controller() -> dict[str, Any]:
+    from stream_processors.controller import create_app
+
+    return _asyncapi("Microgrid controller", create_app)
+
+
 def _alerter() -> dict[str, Any]:
     from stream_processors.alerter import create_app
 
@@ -102,6 +115,7 @@ DOCUMENTS: dict[str, Callable[[], dict[str, Any]]] = {
     "openapi/query-api.json": _query_api,
     "asyncapi/validator.json": _validator,
     "asyncapi/alerter.json": _alerter,
+    "asyncapi/controller.json": _controller,
 }
 
 

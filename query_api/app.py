@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             producer=producer,
             events=events,
             rules_topic=s.topic(Topics.ALERT_RULES),
+            commands_topic=s.topic(Topics.CONTROL_COMMANDS),
         )
         async with pool.connection() as conn:
             await publish_all_rules(conn, app.state)

@@ -1,14 +1,18 @@
-"""Control commands: validated per device type, stored as `queued`, listed with their history.
+"""Control commands: validated per device type, stored as `queued` and published to
+`control.commands` in one step (the controller takes it from there), listed with their history.
 
 An `Idempotency-Key` header makes a retried request return the command it created first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import msgspec
+from aiokafka.errors import KafkaError
 from litestar import Controller, Request, get, post
 from litestar.datastructures import State
 from litestar.params import Parameter
@@ -16,6 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from contracts import Events
 from contracts.api import (
     CommandAccepted,
     CommandPage,
@@ -23,7 +28,7 @@ from contracts.api import (
     ControlCommand,
     Transition,
 )
-from contracts.control import DEFAULT_TTL_S, command_errors
+from contracts.control import DEFAULT_TTL_S, CommandRequested, command_errors
 from microgrid.http import problem
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
@@ -59,6 +64,33 @@ async def _by_key(conn: AsyncConnection[Any], user: str, key: str) -> CommandAcc
     )
     row = await cur.fetchone()
     return CommandAccepted(id=row[0], status=row[1]) if row else None
+
+
+async def _publish(state: State, row: dict[str, Any]) -> None:
+    request = CommandRequested(
+        id=row["id"],
+        device_id=row["device_id"],
+        command=row["command"],
+        params=row["params"],
+        requested_at=row["created_at"],
+        deadline=row["deadline"],
+    )
+    producer = state.producer.producer
+    try:
+        await asyncio.wait_for(
+            producer.send_and_wait(
+                state.commands_topic, msgspec.json.encode(request), key=request.device_id.encode()
+            ),
+            timeout=5,
+        )
+    except (KafkaError, TimeoutError) as exc:
+        await state.producer.renew_if_broken()
+        raise problem(
+            503,
+            "Command log unavailable",
+            "the command was not queued; retry",
+            headers={"Retry-After": "2"},
+        ) from exc
 
 
 def _command(row: dict[str, Any]) -> ControlCommand:
@@ -98,10 +130,12 @@ class ControlCommandController(Controller):
             ttl = data.ttl_s or DEFAULT_TTL_S
             now = datetime.now(UTC)
             history = [{"status": "queued", "at": now.isoformat()}]
-            cur = await conn.execute(
+            command_id = uuid.uuid4()
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
                 INSERT_SQL,
                 (
-                    uuid.uuid4(),
+                    command_id,
                     data.device_id,
                     data.command,
                     Jsonb(data.params),
@@ -115,10 +149,14 @@ class ControlCommandController(Controller):
             row = await cur.fetchone()
             if row is None and idempotency_key:  # a concurrent retry with this key won
                 seen = await _by_key(conn, user, idempotency_key)
+            elif row is not None:
+                await _publish(state, row)
+                await conn.commit()  # stored only once the controller's topic has it
         if row is None and seen is not None:
             return seen
         assert row is not None
-        return CommandAccepted(id=row[0], status="queued")
+        await state.events.append([(Events.CONTROL_UPDATED, row)])
+        return CommandAccepted(id=row["id"], status="queued")
 
     @get()
     async def list_commands(

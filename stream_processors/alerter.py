@@ -24,7 +24,7 @@ from faststream.message import StreamMessage
 
 from contracts import Groups, ReadingBatch, Topics
 from contracts.alerting import AlertEvent, AlertRuleRecord
-from microgrid.kafka import RenewableProducer
+from microgrid.kafka import RenewableProducer, read_to_end
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from stream_processors.alerting import DeviceState, evaluate_reading, evaluate_silence
@@ -36,36 +36,6 @@ TICK_S = 1.0
 
 async def _records(msg: StreamMessage[Any]) -> Any:
     return None  # the handler reads the raw records
-
-
-async def read_to_end(
-    s: Settings, partitions: list[TopicPartition]
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record now in these partitions, from their beginning."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap_servers, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        # explicit offsets: seek_to_beginning right after assign can lose to the default reset
-        for tp, begin in (await consumer.beginning_offsets(partitions)).items():
-            consumer.seek(tp, begin)
-        out: list[ConsumerRecord[bytes, bytes]] = []
-        pending = {tp for tp in partitions if ends[tp] > 0}
-        while pending:
-            polled = await consumer.getmany(*pending, timeout_ms=500)
-            for tp, records in polled.items():
-                out.extend(records)
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    pending.discard(tp)
-            for tp in list(pending):
-                if await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-        return out
-    finally:
-        await consumer.stop()
 
 
 class Alerter:

@@ -73,6 +73,7 @@ def stack(base_settings: Settings) -> Iterator[Settings]:
         "VALIDATOR_METRICS_PORT": str(free_port()),
         "PROJECTOR_METRICS_PORT": str(free_port()),
         "ALERTER_METRICS_PORT": str(free_port()),
+        "CONTROLLER_METRICS_PORT": str(free_port()),
         "ENVIRONMENT": "test",
         "DEVICE_TOPIC_PARTITIONS": "4",
     }
@@ -158,7 +159,7 @@ class Components:
 @pytest.fixture(scope="session")
 def platform(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Components]:
     components = Components(stack, tmp_path_factory.mktemp("logs"))
-    for name in ("validator", "projector", "gateway", "api", "alerter"):
+    for name in ("validator", "projector", "gateway", "api", "alerter", "controller"):
         components.start(name)
     yield components
     components.stop_all()
