@@ -9,8 +9,15 @@ Every value stays inside the contract's physical ranges. Outside excursions the 
 inside `NORMAL_BANDS`; an excursion (probability `excursion_prob` per reading) drives one metric
 out of its band, still physically plausible, for `EXCURSION_SECONDS`.
 
+Devices execute control commands (`Device.execute`, see `contracts.control.COMMANDS`): a
+battery follows a charge/discharge setpoint, a genset can be forced to run or stop, a PV inverter
+can be curtailed, and any device can be rebooted (it then reports nothing for a few seconds). A
+small share of commands fails with a reason, as real devices do.
+
 `run_simulation` runs a fleet in real time: one ingest key and one batch request per site per
 tick, on absolute tick times, retrying 503/429 after Retry-After and network errors with backoff.
+Alongside, `serve_commands` executes the commands the platform dispatches on `control.dispatch`
+to the fleet's devices and replies on `control.results`, as devices with a Kafka client do.
 """
 
 from __future__ import annotations
@@ -18,18 +25,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import itertools
 import logging
 import math
 import random
-from collections.abc import Iterator
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any, ClassVar, Final, get_args
+from typing import Any, ClassVar, Final, TypeVar, get_args
 
 import httpx
 import msgspec
 import psycopg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from contracts.control import CommandDispatch, CommandResult, command_errors
 from contracts.readings import (
     Current,
     DeviceType,
@@ -41,7 +54,9 @@ from contracts.readings import (
     Temperature,
     Voltage,
 )
+from contracts.topics import Groups, Topics
 from ingest_gateway.keys import create_key
+from microgrid.kafka import reliable_producer
 from microgrid.settings import Settings
 
 log = logging.getLogger("microgrid.simulator")
@@ -54,6 +69,11 @@ BATCH_PATH: Final = "/api/v1/telemetry/batch"
 MAX_RETRIES: Final = 5
 MAX_RETRY_AFTER_S: Final = 60.0
 PROGRESS_INTERVAL_S: Final = 10.0
+# Control commands
+COMMAND_FAILURE_RATE: Final = 0.03  # share of valid commands a device refuses
+COMMAND_DELAY_S: Final = (0.1, 0.8)  # from receipt to execution and reply
+REBOOT_SECONDS: Final = (5.0, 10.0)  # a rebooting device reports nothing for this long
+REBOOTING: Final = "device is rebooting"
 
 Metrics = dict[str, float | None]
 
@@ -146,11 +166,13 @@ def _clamp(value: float, low: float, high: float) -> float:
 
 
 class Device:
-    """One simulated device. Subclasses compute their metrics in `_metrics`."""
+    """One simulated device. Subclasses compute their metrics in `_metrics` and apply their own
+    control commands in `_apply` (`reboot` is common to all and handled here)."""
 
     device_type: ClassVar[DeviceType]
     excursion_kinds: ClassVar[tuple[str, ...]] = GRID_EXCURSIONS
     net_sign: ClassVar[float] = 0.0  # contribution of power_kw to the site's grid import
+    FAILURE_REASONS: ClassVar[tuple[str, ...]] = ("device busy", "interlock active")
 
     def __init__(
         self,
@@ -169,7 +191,76 @@ class Device:
         self.seq = 0
         self.last_power_kw = 0.0
         self.excursion: Excursion | None = None
+        self.failure_rate = COMMAND_FAILURE_RATE
+        self.rebooting_until: datetime | None = None
+        self._reboot_pending_s: float | None = None  # a reboot not yet placed in time
         self._last_ts: datetime | None = None
+
+    # --- control commands ---
+
+    def execute(
+        self,
+        command: str,
+        params: dict[str, Any],
+        rng: random.Random | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> str | None:
+        """Execute a control command; None on success, else the reason it failed.
+
+        No I/O and no clock: `rng` (default: the device's own) decides whether the device
+        refuses a valid command (probability `failure_rate`) and how long a reboot takes; `now`
+        places a reboot in time (without it the reboot starts at the next reading's timestamp).
+        The command's effect shows in the following readings. A rebooting device refuses every
+        command.
+        """
+        rng = self.rng if rng is None else rng
+        errors = command_errors(self.device_type, command, params)
+        if errors:
+            return "; ".join(f"{e['field']}: {e['message']}" for e in errors)[:500]
+        if self._reboot_pending_s is not None or (now is not None and self.is_rebooting(now)):
+            return REBOOTING
+        if rng.random() < self.failure_rate:
+            return rng.choice(self.FAILURE_REASONS)
+        if command == "reboot":
+            self._reset()
+            seconds = rng.uniform(*REBOOT_SECONDS)
+            if now is None:
+                self._reboot_pending_s = seconds
+            else:
+                self.rebooting_until = now + timedelta(seconds=seconds)
+        else:
+            self._apply(command, params)
+        return None
+
+    def _apply(self, command: str, params: dict[str, Any]) -> None:
+        """Apply a validated command of this device type (other than `reboot`)."""
+        raise NotImplementedError(command)  # command_errors() lets no other command through
+
+    def _reset(self) -> None:
+        """Forget every setpoint and override, as a reboot does."""
+
+    def is_rebooting(self, ts: datetime) -> bool:
+        if self._reboot_pending_s is not None:
+            self.rebooting_until = ts + timedelta(seconds=self._reboot_pending_s)
+            self._reboot_pending_s = None
+        if self.rebooting_until is None:
+            return False
+        if ts < self.rebooting_until:
+            return True
+        self.rebooting_until = None
+        return False
+
+    def sample(self, ts: datetime) -> Reading | None:
+        """The reading at `ts`, or None while the device reboots (it reports nothing, produces
+        and consumes nothing, and its next reading integrates only from the reboot's end)."""
+        if self.is_rebooting(ts):
+            self.last_power_kw = 0.0
+            self._last_ts = ts
+            return None
+        return self.reading(ts)
+
+    # --- readings ---
 
     def reading(self, ts: datetime) -> Reading:
         hour = local_hour(ts, self.tz)
@@ -240,6 +331,14 @@ class PVInverter(Device):
         super().__init__(device_id, site_id, rng, **kw)
         self.rated_kw = rng.uniform(10.0, 50.0)
         self.cloud = rng.uniform(0.6, 1.0)
+        self.limit_pct: float | None = None  # curtailment: output cap in % of rated power
+
+    def _apply(self, command: str, params: dict[str, Any]) -> None:
+        assert command == "limit_power"
+        self.limit_pct = float(params["limit_pct"])
+
+    def _reset(self) -> None:
+        self.limit_pct = None
 
     def _metrics(self, hour: float, dt_s: float) -> Metrics:
         # Mean-reverting cloud cover: 1 is clear sky.
@@ -247,16 +346,27 @@ class PVInverter(Device):
             self.cloud + 0.1 * (0.85 - self.cloud) + self.rng.gauss(0, 0.05), 0.2, 1.0
         )
         power = self.rated_kw * solar_curve(hour) * self.cloud
+        if self.limit_pct is not None:
+            power = min(power, self.rated_kw * self.limit_pct / 100.0)
         ambient = 15.0 + 10.0 * solar_curve(hour)
         temperature = ambient + 30.0 * power / self.rated_kw + self.rng.uniform(-1.0, 1.0)
         return {**self._grid(), "power_kw": power, "temperature_c": temperature}
 
 
 class Battery(Device):
+    """Follows a daily schedule, or `setpoint_kw` when one is set (by `charge`/`discharge`).
+
+    Sign convention: power is positive while charging (the SOC rises) and negative while
+    discharging, so `charge` with power_kw=P sets the setpoint to +P and `discharge` to -P. The
+    reported power follows the setpoint, clamped to the rating, and drops to 0 at 100 % (charging)
+    or 0 % (discharging) SOC.
+    """
+
     device_type = "battery"
     excursion_kinds = ("over_temperature", "soc_low", *GRID_EXCURSIONS)
     net_sign = 1.0
     SOC_LIMITS: ClassVar[tuple[float, float]] = (15.0, 95.0)  # the schedule's own limits
+    FAILURE_REASONS = (*Device.FAILURE_REASONS, "setpoint rejected by BMS")
 
     def __init__(self, device_id: str, site_id: str, rng: random.Random, **kw: Any) -> None:
         super().__init__(device_id, site_id, rng, **kw)
@@ -264,6 +374,14 @@ class Battery(Device):
         self.max_power_kw = self.capacity_kwh * rng.uniform(0.25, 0.5)
         self.soc_pct = rng.uniform(40.0, 80.0)
         self.setpoint_kw: float | None = None
+
+    def _apply(self, command: str, params: dict[str, Any]) -> None:
+        assert command in ("charge", "discharge")
+        power = float(params["power_kw"])
+        self.setpoint_kw = power if command == "charge" else -power
+
+    def _reset(self) -> None:
+        self.setpoint_kw = None
 
     def _scheduled_kw(self, hour: float) -> float:
         if 9.0 <= hour < 15.0:
@@ -322,7 +440,8 @@ class Load(Device):
 
 
 class Genset(Device):
-    """Runs while the site's batteries are low (start < 20 %, stop >= 40 %) or on a random run."""
+    """Runs while the site's batteries are low (start < 20 %, stop >= 40 %) or on a random run,
+    unless a `start` or `stop` command forces it (until the opposite command or a reboot)."""
 
     device_type = "genset"
     excursion_kinds = ("over_temperature", *GRID_EXCURSIONS)
@@ -336,10 +455,22 @@ class Genset(Device):
         self.batteries: list[Battery] = []
         self.soc_low = False
         self.run_left_s = 0.0
+        self.forced: bool | None = None  # True: started, False: stopped by command
 
     @property
     def running(self) -> bool:
+        if self.forced is not None:
+            return self.forced
         return self.soc_low or self.run_left_s > 0
+
+    def _apply(self, command: str, params: dict[str, Any]) -> None:
+        assert command in ("start", "stop")
+        self.forced = command == "start"
+        self.run_left_s = 0.0  # a random run does not outlast an override
+
+    def _reset(self) -> None:
+        self.forced = None
+        self.run_left_s = 0.0
 
     def _update(self, dt_s: float) -> None:
         self.run_left_s = max(0.0, self.run_left_s - dt_s)
@@ -412,7 +543,8 @@ class Site:
                 d.peers = [p for p in self.devices if p is not d]
 
     def readings(self, ts: datetime) -> list[Reading]:
-        return [d.reading(ts) for d in self.devices]
+        """The readings of every device at `ts`, except those rebooting."""
+        return [r for d in self.devices if (r := d.sample(ts)) is not None]
 
 
 def site_composition(n: int, rng: random.Random) -> list[str]:
@@ -651,6 +783,207 @@ async def _drive(
             await progress
 
 
+# --- Executing control commands --------------------------------------------------------------
+
+SEEN_COMMANDS: Final = 10_000  # command ids remembered, so that a redelivery is not re-executed
+_dispatch_decoder = msgspec.json.Decoder(CommandDispatch)
+
+
+KafkaClient = TypeVar("KafkaClient", AIOKafkaConsumer, AIOKafkaProducer)
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+class CommandServer:
+    """Executes the dispatched commands of the devices it owns, one task per command."""
+
+    def __init__(self, sites: list[Site], producer: AIOKafkaProducer, results_topic: str) -> None:
+        self.devices = {d.device_id: d for site in sites for d in site.devices}
+        self.producer = producer
+        self.results_topic = results_topic
+        self.rng = random.Random()  # delays only; outcomes come from the devices' rngs
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._seen: set[str] = set()
+        self._seen_order: deque[str] = deque()
+
+    def accept(self, record: ConsumerRecord[bytes, bytes]) -> CommandDispatch | None:
+        """The dispatch in `record`, if it is new, for one of our devices and not yet overdue."""
+        if record.value is None:
+            return None
+        try:
+            dispatch = _dispatch_decoder.decode(record.value)
+        except msgspec.DecodeError as exc:
+            log.warning(
+                "undecodable dispatch at %s/%d@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+            )
+            return None
+        if dispatch.device_id not in self.devices or dispatch.id in self._seen:
+            return None
+        if _aware(dispatch.deadline) <= datetime.now(UTC):
+            log.info("ignored command %s for %s: deadline passed", dispatch.id, dispatch.device_id)
+            return None
+        self._seen.add(dispatch.id)
+        self._seen_order.append(dispatch.id)
+        if len(self._seen_order) > SEEN_COMMANDS:
+            self._seen.discard(self._seen_order.popleft())
+        return dispatch
+
+    def submit(self, dispatch: CommandDispatch) -> None:
+        task = asyncio.create_task(self.run(dispatch, self.rng.uniform(*COMMAND_DELAY_S)))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self, dispatch: CommandDispatch, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        now = datetime.now(UTC)
+        if _aware(dispatch.deadline) <= now:
+            log.info("ignored command %s for %s: deadline passed", dispatch.id, dispatch.device_id)
+            return
+        device = self.devices[dispatch.device_id]
+        reason = device.execute(dispatch.command, dispatch.params, device.rng, now=now)
+        result = CommandResult(
+            id=dispatch.id,
+            device_id=dispatch.device_id,
+            status="succeeded" if reason is None else "failed",
+            reason=reason or "",
+        )
+        log.info(
+            "executed %s %s on %s: %s%s",
+            dispatch.command,
+            dispatch.params,
+            dispatch.device_id,
+            result.status,
+            f" ({reason})" if reason else "",
+            extra={"command_id": dispatch.id},
+        )
+        try:
+            await self.producer.send_and_wait(
+                self.results_topic,
+                msgspec.json.encode(result),
+                key=dispatch.device_id.encode(),
+            )
+        except KafkaError as exc:  # the platform times the command out
+            log.warning("could not send the result of command %s: %r", dispatch.id, exc)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def _start_when_reachable(
+    make: Callable[[], KafkaClient], stop: asyncio.Event
+) -> KafkaClient | None:
+    """A started client from `make`, retrying while the broker is unreachable; None if `stop`
+    is set first."""
+    for attempt in itertools.count():
+        client = make()
+        try:
+            await client.start()
+            return client
+        except KafkaConnectionError as exc:
+            with contextlib.suppress(Exception):
+                await client.stop()
+            if attempt == 0:
+                log.warning("cannot reach Kafka for control commands, retrying: %r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=min(30.0, 2.0 * 2**attempt))
+        if stop.is_set():
+            return None
+    raise AssertionError("unreachable")
+
+
+async def _resolve_positions(consumer: AIOKafkaConsumer) -> bool:
+    """Once partitions are assigned, fix their positions (so that "latest" means now)."""
+    assignment = consumer.assignment()
+    for tp in assignment:
+        await consumer.position(tp)
+    return bool(assignment)
+
+
+async def serve_commands(
+    s: Settings,
+    sites: list[Site],
+    stop: asyncio.Event | None = None,
+    *,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Execute the commands dispatched to the devices of `sites` until `stop` is set (or the task
+    is cancelled), as devices with a Kafka client do: each after a short delay, each reported on
+    `control.results` keyed by device id. Dispatches to other devices, or past their deadline,
+    are ignored. A new consumer group starts at the log's end, so old commands are not executed.
+    `ready` is set once the consumer has partitions and their positions."""
+    stop = stop or asyncio.Event()
+    # a group of its own: each simulator sees every dispatch and keeps those for its fleet
+    group = f"{s.group(Groups.SIMULATOR)}.{uuid.uuid4().hex[:8]}"
+
+    def make_consumer() -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            s.topic(Topics.CONTROL_DISPATCH),
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            group_id=group,
+            client_id="microgrid-simulator",
+            auto_offset_reset="latest",
+            enable_auto_commit=True,
+            metadata_max_age_ms=30_000,  # soon notice a dispatch topic created after the start
+        )
+
+    producer = await _start_when_reachable(
+        lambda: reliable_producer(s, client_id="microgrid-simulator-results"), stop
+    )
+    if producer is None:
+        return
+    server = CommandServer(sites, producer, s.topic(Topics.CONTROL_RESULTS))
+    consumer: AIOKafkaConsumer | None = None
+    try:
+        consumer = await _start_when_reachable(make_consumer, stop)
+        if consumer is None:
+            return
+        log.info(
+            "executing control commands for %d devices from %s",
+            len(server.devices),
+            s.topic(Topics.CONTROL_DISPATCH),
+        )
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    dispatch = server.accept(record)
+                    if dispatch is not None:
+                        server.submit(dispatch)
+            if ready is not None and not ready.is_set() and await _resolve_positions(consumer):
+                ready.set()
+    finally:
+        await server.close()
+        for client in (consumer, producer):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+
+
+async def _serve_commands_logged(s: Settings, sites: list[Site], stop: asyncio.Event) -> None:
+    """`serve_commands` for `run_simulation`: a failure there must not end the readings."""
+    try:
+        await serve_commands(s, sites, stop)
+    except Exception:
+        log.exception("executing control commands failed; readings go on without them")
+
+
+async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event, grace_s: float) -> None:
+    stop.set()
+    await asyncio.wait({task}, timeout=grace_s)
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def run_simulation(
     s: Settings,
     devices: int,
@@ -660,9 +993,11 @@ async def run_simulation(
     gateway_url: str | None = None,
     seed: int = 0,
     excursion_prob: float = EXCURSION_PROBABILITY,
+    serve_commands: bool = True,
 ) -> SimulationStats:
     """Simulate `devices` devices, each reporting `rate` readings per second, for `duration`
-    seconds (None: until cancelled). Returns the counts, also when cancelled."""
+    seconds (None: until cancelled). Returns the counts, also when cancelled. With
+    `serve_commands` the same devices execute the control commands dispatched to them."""
     if rate <= 0:
         raise ValueError("rate must be positive")
     sites = build_fleet(devices, seed, excursion_prob=excursion_prob)
@@ -670,6 +1005,12 @@ async def run_simulation(
     url = base.rstrip("/") + BATCH_PATH
     stats = SimulationStats()
     start = asyncio.get_running_loop().time()
+    stop_commands = asyncio.Event()
+    commands = (
+        asyncio.create_task(_serve_commands_logged(s, sites, stop_commands))
+        if serve_commands
+        else None
+    )
     try:
         keys = await asyncio.to_thread(_provision_keys, s.database_url, [x.site_id for x in sites])
         log.info(
@@ -684,6 +1025,9 @@ async def run_simulation(
             await _drive(sites, keys, sender, rate, duration, seed)
     except (asyncio.CancelledError, KeyboardInterrupt):
         log.info("simulation stopped")
+    finally:
+        if commands is not None:
+            await _stop_task(commands, stop_commands, grace_s=5.0)
     elapsed = max(asyncio.get_running_loop().time() - start, 1e-9)
     log.info("done: %s", _progress_line(stats, stats.accepted / elapsed, rate * devices))
     return stats
@@ -695,6 +1039,7 @@ __all__ = [
     "NORMAL_BANDS",
     "PHYSICAL_RANGES",
     "Battery",
+    "CommandServer",
     "Device",
     "Genset",
     "Load",
@@ -705,4 +1050,5 @@ __all__ = [
     "Site",
     "build_fleet",
     "run_simulation",
+    "serve_commands",
 ]

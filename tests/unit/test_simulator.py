@@ -9,17 +9,20 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 
 from contracts import Reading
+from contracts.control import CommandDispatch, CommandResult
 from microgrid import simulator
 from microgrid.settings import Settings
 from microgrid.simulator import (
     NORMAL_BANDS,
     Battery,
+    CommandServer,
     Device,
     Genset,
     Load,
@@ -288,6 +291,317 @@ def test_an_excursion_lasts_some_seconds_then_ends() -> None:
     assert out_of_band(d.reading(until)) == []
 
 
+# --- control commands ----------------------------------------------------------------------
+
+
+def reliable(cls: type[Device], seed: int = 0, **kw: object) -> Device:
+    """A device that never refuses a valid command."""
+    d = make(cls, seed, excursion_prob=0.0, **kw)
+    d.failure_rate = 0.0
+    return d
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_battery_charge_and_discharge_drive_the_reported_power(seed: int) -> None:
+    battery = reliable(Battery, seed)
+    assert isinstance(battery, Battery)
+    battery.soc_pct = 50.0
+    p = round(battery.max_power_kw / 3, 1)
+    # charge in the evening (the schedule discharges), discharge at noon (the schedule charges)
+    assert battery.execute("charge", {"power_kw": p}, random.Random(1)) is None
+    assert battery.setpoint_kw == p  # charging is positive power
+    r0 = battery.reading(START.replace(hour=19))
+    r1 = battery.reading(START.replace(hour=19, minute=5))
+    assert r0.power_kw == r1.power_kw == pytest.approx(p, abs=1e-3)
+    assert r1.soc_pct > r0.soc_pct  # type: ignore[operator]
+    assert battery.execute("discharge", {"power_kw": p}, random.Random(1)) is None
+    assert battery.setpoint_kw == -p
+    r2 = battery.reading(START.replace(hour=12))
+    r3 = battery.reading(START.replace(hour=12, minute=5))
+    assert r2.power_kw == pytest.approx(-p, abs=1e-3)
+    assert r3.soc_pct < r2.soc_pct  # type: ignore[operator]
+
+
+def test_battery_setpoint_beyond_its_rating_is_clamped() -> None:
+    battery = reliable(Battery)
+    assert isinstance(battery, Battery)
+    battery.soc_pct = 50.0
+    assert battery.execute("discharge", {"power_kw": 10_000}, random.Random(0)) is None
+    power = battery.reading(START.replace(hour=12)).power_kw
+    assert power == pytest.approx(-battery.max_power_kw, abs=1e-3)
+
+
+def test_genset_start_and_stop_override_the_automatic_control() -> None:
+    site = _site(Battery, Genset, Meter)
+    battery, genset = site.devices[0], site.devices[1]
+    assert isinstance(battery, Battery) and isinstance(genset, Genset)
+    genset.failure_rate = 0.0
+    genset.RANDOM_STARTS_PER_S = 0.0  # type: ignore[misc]
+    battery.setpoint_kw, battery.soc_pct = 0.0, 60.0  # batteries full: it would stay stopped
+    assert genset.reading(START).power_kw == 0.0
+    assert genset.execute("start", {}, random.Random(0)) is None
+    for i in range(1, 4):
+        r = genset.reading(START + i * STEP)
+        assert (r.power_kw or 0) > 0 and r.voltage_v is not None and r.frequency_hz is not None
+    battery.soc_pct = 5.0  # batteries empty: it would run
+    assert genset.execute("stop", {}, random.Random(0)) is None
+    for i in range(4, 7):
+        r = genset.reading(START + i * STEP)
+        assert r.power_kw == 0.0 and r.voltage_v is None
+    assert genset.execute("reboot", {}, random.Random(0), now=START + 7 * STEP) is None
+    assert genset.forced is None
+    assert (genset.reading(START + 8 * STEP).power_kw or 0) > 0  # automatic again: runs
+
+
+@pytest.mark.parametrize("limit", [0, 10, 50])
+def test_limit_power_caps_the_pv_output(limit: int) -> None:
+    pv, free = reliable(PVInverter), reliable(PVInverter)
+    assert isinstance(pv, PVInverter)
+    assert pv.execute("limit_power", {"limit_pct": limit}, random.Random(0)) is None
+    noon = [START.replace(hour=12) + i * STEP for i in range(12)]
+    capped = [pv.reading(ts).power_kw or 0 for ts in noon]
+    uncapped = [free.reading(ts).power_kw or 0 for ts in noon]
+    assert max(capped) <= pv.rated_kw * limit / 100 + 1e-3
+    assert max(uncapped) > pv.rated_kw * 0.5  # the cap is what holds it down
+    if limit:
+        assert min(capped) == pytest.approx(pv.rated_kw * limit / 100, abs=1e-3)
+    assert pv.execute("reboot", {}, random.Random(0), now=noon[-1]) is None
+    assert pv.limit_pct is None
+
+
+def test_reboot_clears_setpoints_and_silences_the_device() -> None:
+    site = _site(PVInverter, Battery, Load, Meter)
+    pv, battery, meter = site.devices[0], site.devices[1], site.devices[3]
+    assert isinstance(battery, Battery) and isinstance(pv, PVInverter)
+    for d in site.devices:
+        d.failure_rate, d.excursion_prob = 0.0, 0.0
+    noon = START.replace(hour=12)
+    assert battery.execute("discharge", {"power_kw": 5}, random.Random(0)) is None
+    assert pv.execute("limit_power", {"limit_pct": 20}, random.Random(0)) is None
+    seq = battery.reading(noon).seq
+    assert seq is not None
+    assert battery.execute("reboot", {}, random.Random(0), now=noon) is None
+    assert pv.execute("reboot", {}, random.Random(0), now=noon) is None
+    assert battery.setpoint_kw is None and pv.limit_pct is None
+    low, high = simulator.REBOOT_SECONDS
+    during = site.readings(noon + timedelta(seconds=low - 0.5))
+    assert {r.device_type for r in during} == {"load", "meter"}
+    net = next(r for r in during if r.device_type == "meter").power_kw
+    assert net == pytest.approx(next(r for r in during if r.device_type == "load").power_kw)
+    # while rebooting it refuses commands, whatever its failure rate
+    assert (
+        battery.execute("charge", {"power_kw": 5}, random.Random(0), now=noon)
+        == "device is rebooting"
+    )
+    after = {r.device_type: r for r in site.readings(noon + timedelta(seconds=high))}
+    assert set(after) == {"pv_inverter", "battery", "load", "meter"}
+    assert after["battery"].seq == seq + 1  # seq goes on: nothing was sent while rebooting
+    assert (after["battery"].power_kw or 0) > 0  # back on its schedule: charging at noon
+    assert meter.excursion is None
+
+
+def test_reboot_without_a_clock_starts_at_the_next_reading() -> None:
+    load = reliable(Load)
+    assert load.execute("reboot", {}, random.Random(0)) is None
+    assert load.execute("reboot", {}, random.Random(0)) == "device is rebooting"
+    assert load.sample(START) is None
+    assert load.sample(START + timedelta(seconds=simulator.REBOOT_SECONDS[0] - 1)) is None
+    r = load.sample(START + timedelta(seconds=simulator.REBOOT_SECONDS[1]))
+    assert r is not None and r.seq == 0
+
+
+@pytest.mark.parametrize(
+    ("cls", "command", "params", "expect"),
+    [
+        (Battery, "start", {}, "a battery accepts charge, discharge, reboot"),
+        (Battery, "self_destruct", {}, "a battery accepts"),
+        (Load, "charge", {"power_kw": 1}, "a load accepts reboot"),
+        (Meter, "limit_power", {"limit_pct": 5}, "a meter accepts reboot"),
+        (Battery, "charge", {}, "params.power_kw"),
+        (Battery, "discharge", {"power_kw": -3}, "params.power_kw"),
+        (Battery, "charge", {"power_kw": "7"}, "params.power_kw"),
+        (PVInverter, "limit_power", {"limit_pct": 150}, "params.limit_pct"),
+        (Genset, "start", {"now": True}, "params.now"),
+    ],
+)
+def test_invalid_commands_fail_with_a_reason(
+    cls: type[Device], command: str, params: dict[str, object], expect: str
+) -> None:
+    d = reliable(cls)
+    before = dict(vars(d))
+    reason = d.execute(command, params, random.Random(0))
+    assert reason is not None and expect in reason
+    assert vars(d) == before  # nothing changed
+
+
+@pytest.mark.parametrize(
+    ("cls", "command", "params"),
+    [
+        (Battery, "charge", {"power_kw": 5}),
+        (Genset, "start", {}),
+        (PVInverter, "limit_power", {"limit_pct": 0}),
+        (Load, "reboot", {}),
+    ],
+)
+def test_a_failing_device_refuses_and_keeps_its_state(
+    cls: type[Device], command: str, params: dict[str, object]
+) -> None:
+    d = make(cls, excursion_prob=0.0)
+    d.failure_rate = 1.0
+    before = dict(vars(d))
+    reasons = {d.execute(command, params, random.Random(i)) for i in range(50)}
+    assert None not in reasons
+    assert reasons == set(cls.FAILURE_REASONS)
+    assert {k: v for k, v in vars(d).items() if k != "rng"} == {
+        k: v for k, v in before.items() if k != "rng"
+    }
+    assert d.sample(START) is not None  # not rebooting
+
+
+def test_battery_failures_include_the_bms() -> None:
+    assert "setpoint rejected by BMS" in Battery.FAILURE_REASONS
+    assert {"device busy", "interlock active"} <= set(Battery.FAILURE_REASONS)
+
+
+def test_a_small_share_of_commands_fails_by_default() -> None:
+    battery = make(Battery)
+    assert battery.failure_rate == simulator.COMMAND_FAILURE_RATE == 0.03
+    rng = random.Random(42)
+    outcomes = [battery.execute("charge", {"power_kw": 1}, rng) for _ in range(4000)]
+    failed = sum(o is not None for o in outcomes)
+    assert 0.02 * 4000 < failed < 0.04 * 4000
+
+
+def test_the_outcome_is_decided_by_the_given_rng() -> None:
+    a, b = make(Battery), make(Battery)
+    a.failure_rate = b.failure_rate = 0.5
+    ra = [a.execute("charge", {"power_kw": 1}, random.Random(i)) for i in range(40)]
+    rb = [b.execute("charge", {"power_kw": 1}, random.Random(i)) for i in range(40)]
+    assert ra == rb
+    assert None in ra and len(set(ra)) > 1
+    # without an rng the device's own decides
+    c = make(Battery, seed=3)
+    c.failure_rate = 1.0
+    rng_state = c.rng.getstate()
+    assert c.execute("charge", {"power_kw": 1}) is not None
+    assert c.rng.getstate() != rng_state
+
+
+# --- executing dispatched commands, with a fake producer -------------------------------------
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        self.sent.append((topic, value, key))
+
+
+def dispatch_record(
+    device_id: str,
+    command: str = "charge",
+    params: dict[str, object] | None = None,
+    *,
+    ttl_s: float = 60,
+    command_id: str = "cmd-1",
+) -> Any:
+    dispatch = CommandDispatch(
+        id=command_id,
+        device_id=device_id,
+        command=command,
+        params={"power_kw": 2.5} if params is None else params,
+        deadline=datetime.now(UTC) + timedelta(seconds=ttl_s),
+    )
+    return type(
+        "Record",
+        (),
+        {
+            "topic": "control.dispatch",
+            "partition": 0,
+            "offset": 7,
+            "key": device_id.encode(),
+            "value": msgspec.json.encode(dispatch),
+        },
+    )()
+
+
+def server_for(sites: list[Site]) -> tuple[CommandServer, FakeProducer]:
+    producer = FakeProducer()
+    return CommandServer(sites, producer, "ns.control.results"), producer
+
+
+def test_the_server_takes_only_fresh_dispatches_for_its_own_devices() -> None:
+    server, _ = server_for(build_fleet(8))
+    ours = server.accept(dispatch_record("site-001-battery-1"))
+    assert ours is not None and ours.command == "charge" and ours.params == {"power_kw": 2.5}
+    again = dispatch_record("site-001-battery-1")  # a redelivery
+    assert server.accept(again) is None
+    assert server.accept(dispatch_record("site-099-battery-1", command_id="c2")) is None
+    late = dispatch_record("site-001-battery-1", ttl_s=-1, command_id="c3")
+    assert server.accept(late) is None
+    garbage = dispatch_record("site-001-battery-1", command_id="c4")
+    garbage.value = b"{not json"
+    assert server.accept(garbage) is None
+    garbage.value = None
+    assert server.accept(garbage) is None
+
+
+async def test_the_server_executes_and_replies_keyed_by_device(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sites = build_fleet(8)
+    server, producer = server_for(sites)
+    battery = next(d for d in sites[0].devices if isinstance(d, Battery))
+    battery.failure_rate = 0.0
+    ok = server.accept(dispatch_record(battery.device_id, "discharge", {"power_kw": 3}))
+    bad = server.accept(dispatch_record(battery.device_id, "start", {}, command_id="c2"))
+    assert ok is not None and bad is not None
+    with caplog.at_level(logging.INFO, logger="microgrid.simulator"):
+        await asyncio.gather(server.run(ok, 0.0), server.run(bad, 0.0))
+    assert battery.setpoint_kw == -3.0
+    results = {}
+    for topic, value, key in producer.sent:
+        assert topic == "ns.control.results"
+        assert key == battery.device_id.encode()
+        result = msgspec.json.decode(value, type=CommandResult)
+        results[result.id] = result
+    assert results["cmd-1"] == CommandResult(
+        id="cmd-1", device_id=battery.device_id, status="succeeded", reason=""
+    )
+    assert results["c2"].status == "failed" and "a battery accepts" in results["c2"].reason
+    assert sum("executed" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_the_server_runs_commands_concurrently_after_a_short_delay() -> None:
+    sites = build_fleet(16)
+    server, producer = server_for(sites)
+    t0 = asyncio.get_running_loop().time()
+    for i, site in enumerate(sites):
+        for d in site.devices:
+            d.failure_rate = 0.0
+            dispatch = server.accept(
+                dispatch_record(d.device_id, "reboot", {}, command_id=f"{i}-{d.device_id}")
+            )
+            assert dispatch is not None
+            server.submit(dispatch)
+    await asyncio.gather(*server.tasks)
+    elapsed = asyncio.get_running_loop().time() - t0
+    assert len(producer.sent) == 16
+    assert simulator.COMMAND_DELAY_S[0] <= elapsed < simulator.COMMAND_DELAY_S[1] + 0.5
+
+
+async def test_a_command_overdue_after_its_delay_is_not_executed() -> None:
+    sites = build_fleet(8)
+    server, producer = server_for(sites)
+    dispatch = server.accept(dispatch_record("site-001-battery-1", ttl_s=0.05))
+    assert dispatch is not None
+    await server.run(dispatch, 0.1)
+    assert producer.sent == []
+    battery = server.devices["site-001-battery-1"]
+    assert isinstance(battery, Battery) and battery.setpoint_kw is None
+
+
 # --- retry-after --------------------------------------------------------------------------
 
 
@@ -322,9 +636,15 @@ def gateway(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], list[httpx.R
             "_make_client",
             lambda n: httpx.AsyncClient(transport=httpx.MockTransport(record)),
         )
+        monkeypatch.setattr(simulator, "serve_commands", no_commands)  # no broker here
         return seen
 
     return install
+
+
+async def no_commands(s: Settings, sites: list[Site], stop: asyncio.Event | None = None) -> None:
+    assert stop is not None
+    await stop.wait()
 
 
 def accept(request: httpx.Request) -> httpx.Response:
@@ -405,6 +725,84 @@ async def test_network_errors_are_retried(gateway: Callable) -> None:
     gateway(sometimes_down)
     stats = await run_simulation(SETTINGS, devices=8, rate=1.0, duration=1.0)
     assert (stats.attempted, stats.accepted, stats.failed, stats.retried) == (8, 8, 0, 2)
+
+
+async def test_the_simulation_serves_commands_for_its_own_fleet(
+    gateway: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = gateway(accept)
+    calls: list[tuple[Settings, list[Site], asyncio.Event]] = []
+
+    async def commander(s: Settings, sites: list[Site], stop: asyncio.Event | None = None) -> None:
+        assert stop is not None
+        calls.append((s, sites, stop))
+        battery = next(d for d in sites[0].devices if isinstance(d, Battery))
+        battery.failure_rate = 0.0
+        await asyncio.sleep(0.2)
+        assert battery.execute("charge", {"power_kw": 4.5}, random.Random(0)) is None
+        await stop.wait()
+
+    monkeypatch.setattr(simulator, "serve_commands", commander)
+    await run_simulation(SETTINGS, devices=8, rate=10.0, duration=0.6)
+    [(s, sites, stop)] = calls
+    assert s is SETTINGS and stop.is_set()
+    assert [d.device_id for site in sites for d in site.devices] == [
+        d.device_id for site in build_fleet(8) for d in site.devices
+    ]
+    powers = [
+        r["power_kw"]
+        for request in seen
+        for r in msgspec.json.decode(request.content)["readings"]
+        if r["device_id"] == "site-001-battery-1"
+    ]
+    assert powers[0] != 4.5 and powers[-1] == 4.5  # the setpoint shows in later readings
+
+
+async def test_the_simulation_can_run_without_commands(
+    gateway: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway(accept)
+
+    async def fail(*args: object) -> None:
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(simulator, "serve_commands", fail)
+    stats = await run_simulation(SETTINGS, devices=8, rate=10.0, duration=0.2, serve_commands=False)
+    assert stats.accepted > 0
+
+
+async def test_a_failing_command_service_does_not_stop_the_readings(
+    gateway: Callable, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway(accept)
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(simulator, "serve_commands", broken)
+    with caplog.at_level(logging.ERROR, logger="microgrid.simulator"):
+        stats = await run_simulation(SETTINGS, devices=8, rate=10.0, duration=0.3)
+    assert stats.accepted == stats.attempted > 8
+    assert any("control commands failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_cancelling_stops_the_command_service(
+    gateway: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway(accept)
+    stopped = asyncio.Event()
+
+    async def commander(s: Settings, sites: list[Site], stop: asyncio.Event | None = None) -> None:
+        assert stop is not None
+        await stop.wait()
+        stopped.set()
+
+    monkeypatch.setattr(simulator, "serve_commands", commander)
+    task = asyncio.create_task(run_simulation(SETTINGS, devices=8, rate=20.0, duration=None))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    await task
+    assert stopped.is_set()
 
 
 async def test_cancelling_returns_the_stats(gateway: Callable) -> None:
