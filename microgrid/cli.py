@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -168,6 +170,54 @@ def keys_create(site: Annotated[str, typer.Option(help="site the key may send fo
     except psycopg.OperationalError as exc:
         _fail(f"cannot reach PostgreSQL ({exc}); is the stack up (`microgrid stack up`)?")
     sys.stdout.write(key + "\n")
+
+
+@app.command()
+def bench(
+    profile: Annotated[str, typer.Option(help="baseline | stress | max")] = "stress",
+    duration: Annotated[
+        float, typer.Option(min=1, help="seconds of load (per step for max)")
+    ] = 300,
+    report: Annotated[
+        Path, typer.Option(help="JSON report path; a PNG chart goes beside it")
+    ] = Path("reports/bench.json"),
+    transport: Annotated[
+        str, typer.Option(help="http (gateway) or kafka (telemetry.raw)")
+    ] = "http",
+    min_success_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.99,
+    max_p95_latency_ms: Annotated[float, typer.Option(min=1)] = 1500.0,
+    measure_limit: Annotated[bool, typer.Option(help="measure the raw Kafka limit first")] = True,
+) -> None:
+    """Load the running platform, wait until PostgreSQL has it all, check the SLO."""
+    from benchmarks.harness import PROFILES, Options, benchmark, save
+
+    if profile not in PROFILES:
+        _fail(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
+    if transport not in ("http", "kafka"):
+        _fail("transport is http or kafka")
+    options = Options(
+        PROFILES[profile],
+        duration,
+        transport,
+        min_success_rate,
+        max_p95_latency_ms,
+        measure_limit=measure_limit,
+    )
+
+    def echo(text: str, nl: bool = True) -> None:
+        typer.echo(text, nl=nl, err=True)
+
+    result = asyncio.run(benchmark(get_settings(), options, echo))
+    chart = save(result, report)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
+    echo(f"report: {report}  chart: {chart}")
+    slo = result.slo
+    verdict = "passed" if slo["passed"] else "FAILED"
+    echo(
+        f"SLO {verdict}: success {slo['success_rate']:.4f} (min {slo['min_success_rate']}),"
+        f" p95 {result.latency_ms['p95']} ms (max {slo['max_p95_latency_ms']})"
+    )
+    raise typer.Exit(0 if slo["passed"] else 1)
 
 
 @contracts_app.command("generate")

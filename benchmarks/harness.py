@@ -1,0 +1,326 @@
+"""`microgrid bench`: drive load at the running platform and check it against SLOs.
+
+Open-loop load (requests start on schedule, however slow the answers), then a wait until every
+accepted reading is visible in PostgreSQL. Reports the contract's JSON, a PNG chart beside it,
+and exits non-zero when the SLO fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import psycopg
+
+from benchmarks.limit import kafka_roundtrip_per_min
+from benchmarks.planted import AlertProbe
+from benchmarks.report import Report, percentiles, write_chart
+from contracts import Topics
+from ingest_gateway.keys import create_key
+from microgrid.kafka import reliable_producer
+from microgrid.settings import Settings
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    mode: str  # "single" | "batch"
+    per_min: float  # readings per minute
+    batch: int = 1
+    devices_per_batch: int = 10
+
+
+PROFILES = {
+    "baseline": Profile("baseline", "single", 10_000),
+    "stress": Profile("stress", "batch", 100_000, batch=100),
+    "max": Profile("max", "batch", 250_000, batch=100),
+}
+
+
+@dataclass
+class Tally:
+    attempted: int = 0
+    accepted: int = 0
+    errors: dict[str, int] = field(default_factory=lambda: {"4xx": 0, "5xx": 0, "network": 0})
+    latencies: list[float] = field(default_factory=list)
+    accepted_at: dict[tuple[str, int], float] = field(default_factory=dict)  # wall clock
+    timeline: list[tuple[float, int, float]] = field(default_factory=list)  # (t, n, latency)
+
+
+class Load:
+    """Builds the readings of one run: devices `bench-<run>-<i>`, sequence numbers per device."""
+
+    def __init__(self, run: str, profile: Profile, site: str) -> None:
+        self.run, self.p, self.site = run, profile, site
+        self.seq: dict[str, int] = {}
+        self.next_device = 0
+        self.devices = max(profile.devices_per_batch, 1000)
+
+    def readings(self) -> list[dict[str, Any]]:
+        n_dev = 1 if self.p.mode == "single" else min(self.p.devices_per_batch, self.p.batch)
+        per = 1 if self.p.mode == "single" else self.p.batch // n_dev
+        ts = datetime.now(UTC).isoformat()
+        out = []
+        for _ in range(n_dev):
+            device = f"bench-{self.run}-{self.next_device % self.devices}"
+            self.next_device += 1
+            for _ in range(per):
+                seq = self.seq.get(device, 0)
+                self.seq[device] = seq + 1
+                out.append(
+                    {
+                        "device_id": device,
+                        "site_id": self.site,
+                        "device_type": "meter",
+                        "ts": ts,
+                        "seq": seq,
+                        "power_kw": 12.5,
+                        "voltage_v": 230.1,
+                        "frequency_hz": 50.0,
+                    }
+                )
+        return out
+
+
+class Transport:
+    async def send(self, readings: list[dict[str, Any]]) -> str | None:
+        """None when accepted, else the error class."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+class HttpTransport(Transport):
+    def __init__(self, s: Settings, key: str, mode: str) -> None:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        self.client = httpx.AsyncClient(
+            timeout=10,
+            limits=limits,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        base = f"http://{s.gateway_host}:{s.gateway_port}/api/v1/telemetry"
+        self.url = base if mode == "single" else f"{base}/batch"
+        self.mode = mode
+
+    async def send(self, readings: list[dict[str, Any]]) -> str | None:
+        body = readings[0] if self.mode == "single" else {"readings": readings}
+        try:
+            r = await self.client.post(self.url, content=msgspec.json.encode(body))
+        except httpx.HTTPError:
+            return "network"
+        if r.status_code == 202:
+            return None
+        return "4xx" if r.status_code < 500 else "5xx"
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class KafkaTransport(Transport):
+    """The path of devices with Kafka clients: one record per device, straight to raw."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.producer = reliable_producer(s, client_id="microgrid-bench")
+        self.started = False
+
+    async def send(self, readings: list[dict[str, Any]]) -> str | None:
+        if not self.started:
+            await self.producer.start()
+            self.started = True
+        by_device: dict[str, list[dict[str, Any]]] = {}
+        for r in readings:
+            by_device.setdefault(r["device_id"], []).append(r)
+        try:
+            futures = [
+                await self.producer.send(
+                    self.s.topic(Topics.TELEMETRY_RAW),
+                    msgspec.json.encode({"readings": group}),
+                    key=device.encode(),
+                )
+                for device, group in by_device.items()
+            ]
+            await asyncio.gather(*futures)
+        except Exception:
+            return "network"
+        return None
+
+    async def close(self) -> None:
+        if self.started:
+            await self.producer.stop()
+
+
+async def drive(
+    transport: Transport,
+    load: Load,
+    per_min: float,
+    batch: int,
+    duration: float,
+    tally: Tally,
+    progress: Any,
+    max_inflight: int = 512,
+) -> None:
+    """Start requests on a fixed schedule for `duration` seconds (open loop, bounded)."""
+    interval = 60.0 / (per_min / batch)
+    start = time.monotonic()
+    inflight: set[asyncio.Task[None]] = set()
+    slots = asyncio.Semaphore(max_inflight)
+
+    async def one(readings: list[dict[str, Any]]) -> None:
+        async with slots:
+            t0 = time.perf_counter()
+            error = await transport.send(readings)
+            latency = time.perf_counter() - t0
+        tally.latencies.append(latency)
+        tally.timeline.append(
+            (time.monotonic() - start, len(readings) if error is None else 0, latency)
+        )
+        if error is None:
+            tally.accepted += len(readings)
+            now = time.time()
+            for r in readings:
+                tally.accepted_at[(r["device_id"], r["seq"])] = now
+        else:
+            tally.errors[error] += len(readings)
+
+    i = 0
+    while (due := start + i * interval) < start + duration:
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        readings = load.readings()
+        tally.attempted += len(readings)
+        task = asyncio.create_task(one(readings))
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+        progress(time.monotonic() - start)
+        i += 1
+    if inflight:
+        await asyncio.gather(*inflight)
+
+
+def persisted(s: Settings, run: str, since: datetime) -> list[tuple[str, int, datetime]]:
+    with psycopg.connect(s.database_url) as conn:
+        cur = conn.execute(
+            "SELECT device_id, seq, ingested_at FROM telemetry_readings"
+            " WHERE device_id LIKE %s AND ts >= %s AND seq IS NOT NULL",
+            (f"bench-{run}-%", since),
+        )
+        return [(d, int(q), at) for d, q, at in cur.fetchall()]
+
+
+async def wait_persisted(
+    s: Settings, run: str, since: datetime, want: int, drain_s: float, echo: Any
+) -> list[tuple[str, int, datetime]]:
+    deadline = time.monotonic() + drain_s
+    rows = await asyncio.to_thread(persisted, s, run, since)
+    while len(rows) < want and time.monotonic() < deadline:
+        echo(f"\rwaiting for PostgreSQL: {len(rows)}/{want} persisted ", nl=False)
+        await asyncio.sleep(1.0)
+        rows = await asyncio.to_thread(persisted, s, run, since)
+    echo("")
+    return rows
+
+
+@dataclass
+class Options:
+    profile: Profile
+    duration: float
+    transport: str = "http"
+    min_success_rate: float = 0.99
+    max_p95_latency_ms: float = 1500.0
+    drain_s: float = 120.0
+    measure_limit: bool = True
+
+
+async def run_once(
+    s: Settings, o: Options, echo: Any, per_min: float | None = None, limit: float | None = None
+) -> Report:
+    run = uuid.uuid4().hex[:8]
+    site = f"bench-{run}"
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        key = create_key(conn, site)
+    p = o.profile
+    rate = per_min or p.per_min
+    transport: Transport = (
+        KafkaTransport(s) if o.transport == "kafka" else HttpTransport(s, key, p.mode)
+    )
+    load, tally = Load(run, p, site), Tally()
+    probe = AlertProbe(s, key, site, run)
+    since = datetime.now(UTC)
+    last = [0.0]
+
+    def progress(elapsed: float) -> None:
+        if elapsed - last[0] >= 2.0:
+            last[0] = elapsed
+            p95 = percentiles(tally.latencies[-2000:])["p95"]
+            echo(
+                f"\r{p.name} {elapsed:5.0f}/{o.duration:.0f}s attempted {tally.attempted:,}"
+                f" accepted {tally.accepted:,} errors {sum(tally.errors.values()):,}"
+                f" p95 {p95:.0f} ms ",
+                nl=False,
+            )
+
+    async with probe:
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        planting = asyncio.create_task(probe.plant_every(10.0, o.duration))
+        await drive(transport, load, rate, p.batch, o.duration, tally, progress)
+        elapsed = time.monotonic() - wall0
+        cpu = time.process_time() - cpu0
+        planting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await planting
+        echo("")
+        rows = await wait_persisted(s, run, since, tally.accepted, o.drain_s, echo)
+        alert_ms = await probe.latencies_ms()
+    await transport.close()
+    return Report.build(p, o, rate, tally, rows, elapsed, cpu, alert_ms, limit)
+
+
+async def benchmark(s: Settings, o: Options, echo: Any) -> Report:
+    limit = None
+    if o.measure_limit:
+        echo("measuring the raw Kafka limit (plain aiokafka producer and consumer) ...")
+        limit = await kafka_roundtrip_per_min(s, o.profile, seconds=min(10.0, o.duration))
+    if o.profile.name != "max":
+        return await run_once(s, o, echo, limit=limit)
+    return await ramp(s, o, echo, limit)
+
+
+async def ramp(s: Settings, o: Options, echo: Any, limit: float | None) -> Report:
+    """Raise the rate by half each step until the SLO breaks; report the best step that held."""
+    rate, best, steps = o.profile.per_min, None, []
+    while True:
+        echo(f"step: {rate:,.0f} readings/min")
+        report = await run_once(s, o, echo, per_min=rate, limit=limit)
+        steps.append(
+            {
+                "offered_per_min": rate,
+                "throughput_per_min": report.throughput_per_min,
+                "passed": report.slo["passed"],
+            }
+        )
+        if not report.slo["passed"] or report.persisted_messages < report.accepted_messages:
+            break
+        best = report
+        rate *= 1.5
+    final = best or report
+    final.extra["steps"] = steps
+    return final
+
+
+def save(report: Report, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    chart = path.with_suffix(".png")
+    with contextlib.suppress(Exception):
+        write_chart(report, chart)
+    return chart
