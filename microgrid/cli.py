@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -187,6 +188,9 @@ def bench(
     min_success_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.99,
     max_p95_latency_ms: Annotated[float, typer.Option(min=1)] = 1500.0,
     measure_limit: Annotated[bool, typer.Option(help="measure the raw Kafka limit first")] = True,
+    rate: Annotated[
+        float | None, typer.Option(min=1, help="readings/min instead of the profile's")
+    ] = None,
 ) -> None:
     """Load the running platform, wait until PostgreSQL has it all, check the SLO."""
     from benchmarks.harness import PROFILES, Options, benchmark, save
@@ -195,8 +199,11 @@ def bench(
         _fail(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
     if transport not in ("http", "kafka"):
         _fail("transport is http or kafka")
+    chosen = PROFILES[profile]
+    if rate is not None:
+        chosen = dataclasses.replace(chosen, per_min=rate)
     options = Options(
-        PROFILES[profile],
+        chosen,
         duration,
         transport,
         min_success_rate,
