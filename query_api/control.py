@@ -6,13 +6,11 @@ An `Idempotency-Key` header makes a retried request return the command it create
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
-from aiokafka.errors import KafkaError
 from litestar import Controller, Request, get, post
 from litestar.datastructures import State
 from litestar.params import Parameter
@@ -32,6 +30,7 @@ from contracts.control import DEFAULT_TTL_S, CommandRequested, command_errors
 from microgrid.http import problem
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
+from query_api.publishing import append_or_503
 
 COLUMNS = (
     "id::text, device_id, command, params, status, reason, ttl_s, deadline, requested_by,"
@@ -75,22 +74,9 @@ async def _publish(state: State, row: dict[str, Any]) -> None:
         requested_at=row["created_at"],
         deadline=row["deadline"],
     )
-    producer = state.producer.producer
-    try:
-        await asyncio.wait_for(
-            producer.send_and_wait(
-                state.commands_topic, msgspec.json.encode(request), key=request.device_id.encode()
-            ),
-            timeout=5,
-        )
-    except (KafkaError, TimeoutError) as exc:
-        await state.producer.renew_if_broken()
-        raise problem(
-            503,
-            "Command log unavailable",
-            "the command was not queued; retry",
-            headers={"Retry-After": "2"},
-        ) from exc
+    await append_or_503(
+        state, state.commands_topic, request.device_id, msgspec.json.encode(request), "Command"
+    )
 
 
 def _command(row: dict[str, Any]) -> ControlCommand:

@@ -7,13 +7,11 @@ alerters will see it. At start the API republishes every stored rule.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
 import msgspec
 import psycopg
-from aiokafka.errors import KafkaError
 from litestar import Controller, delete, get, post, put
 from litestar.datastructures import State
 from psycopg.rows import dict_row
@@ -29,6 +27,7 @@ from contracts.alerting import (
 from contracts.api import AlertRule, AlertRulePage
 from microgrid.http import problem
 from query_api.auth import ADMINS
+from query_api.publishing import append_or_503
 
 FIELDS = ("name", "kind", "severity", *OPTIONAL_FIELDS, "enabled")
 COLUMNS = "id::text, " + ", ".join(FIELDS) + ", scope, created_at, updated_at"
@@ -60,19 +59,7 @@ def _record(rule: AlertRule) -> bytes:
 
 
 async def publish_rule(state: State, rule_id: str, value: bytes | None) -> None:
-    producer = state.producer.producer
-    try:
-        await asyncio.wait_for(
-            producer.send_and_wait(state.rules_topic, value, key=rule_id.encode()), timeout=5
-        )
-    except (KafkaError, TimeoutError) as exc:
-        await state.producer.renew_if_broken()
-        raise problem(
-            503,
-            "Rules log unavailable",
-            "the change was not stored; retry",
-            headers={"Retry-After": "2"},
-        ) from exc
+    await append_or_503(state, state.rules_topic, rule_id, value, "Rules")
 
 
 async def publish_all_rules(conn: psycopg.AsyncConnection, state: State) -> int:

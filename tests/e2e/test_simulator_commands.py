@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from contracts import Topics
 from contracts.control import CommandDispatch, CommandResult
@@ -20,49 +19,12 @@ from microgrid.settings import Settings
 from microgrid.simulator import Battery, Genset, Site, build_fleet, serve_commands
 
 
-async def _create_missing(s: Settings, names: list[str]) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        missing = [n for n in names if n not in set(await admin.list_topics())]
-        if missing:
-            await admin.create_topics(
-                [
-                    NewTopic(n, s.device_topic_partitions, s.topic_replication_factor)
-                    for n in missing
-                ]
-            )
-        return missing
-    finally:
-        await admin.close()
-
-
-async def _delete(s: Settings, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.delete_topics(names)
-    finally:
-        await admin.close()
-
-
-@pytest.fixture(scope="module")
-def control_topics(stack: Settings) -> Iterator[Settings]:
-    """`control.dispatch` and `control.results` in the test namespace (made here if the stack's
-    topic set does not have them yet)."""
-    names = [stack.topic(Topics.CONTROL_DISPATCH), stack.topic(Topics.CONTROL_RESULTS)]
-    created = asyncio.run(_create_missing(stack, names))
-    yield stack
-    if created:
-        asyncio.run(_delete(stack, created))
-
-
 @pytest.fixture()
-async def fleet(control_topics: Settings) -> AsyncIterator[list[Site]]:
+async def fleet(stack: Settings) -> AsyncIterator[list[Site]]:
     """A small fleet executing commands in this process, started and ready for dispatches."""
     sites = build_fleet(8, seed=5)
     stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve_commands(control_topics, sites, stop, ready=ready))
+    task = asyncio.create_task(serve_commands(stack, sites, stop, ready=ready))
     waiting = asyncio.create_task(ready.wait())
     await asyncio.wait({task, waiting}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
     if not ready.is_set():
@@ -130,9 +92,9 @@ async def results(
 
 
 async def test_dispatched_commands_are_executed_and_answered(
-    fleet: list[Site], control_topics: Settings
+    fleet: list[Site], stack: Settings
 ) -> None:
-    s = control_topics
+    s = stack
     devices = {d.device_id: d for site in fleet for d in site.devices}
     for d in devices.values():
         d.failure_rate = 0.0
@@ -162,9 +124,9 @@ async def test_dispatched_commands_are_executed_and_answered(
 
 
 async def test_a_refused_command_is_reported_failed_with_its_reason(
-    fleet: list[Site], control_topics: Settings
+    fleet: list[Site], stack: Settings
 ) -> None:
-    s = control_topics
+    s = stack
     battery = next(d for site in fleet for d in site.devices if isinstance(d, Battery))
     battery.failure_rate = 1.0
     charge = dispatch(battery.device_id, "charge", {"power_kw": 2})

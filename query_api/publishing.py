@@ -1,0 +1,29 @@
+"""Writes of the query API to Kafka, made inside the database transaction they belong to:
+if the broker does not acknowledge, the request fails with 503 and the transaction rolls back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka.errors import KafkaError
+from litestar.datastructures import State
+
+from microgrid.http import problem
+
+ACK_TIMEOUT_S = 5.0
+
+
+async def append_or_503(state: State, topic: str, key: str, value: bytes | None, what: str) -> None:
+    producer = state.producer.producer
+    try:
+        await asyncio.wait_for(
+            producer.send_and_wait(topic, value, key=key.encode()), timeout=ACK_TIMEOUT_S
+        )
+    except (KafkaError, TimeoutError) as exc:
+        await state.producer.renew_if_broken()
+        raise problem(
+            503,
+            f"{what} log unavailable",
+            "nothing was stored; retry",
+            headers={"Retry-After": "2"},
+        ) from exc
