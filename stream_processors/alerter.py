@@ -98,7 +98,8 @@ class Alerter:
     def _apply_rule(self, rec: ConsumerRecord[bytes, bytes]) -> None:
         rule_id = (rec.key or b"").decode()
         if rec.value is None:
-            self.rules.pop(rule_id, None)
+            if self.rules.pop(rule_id, None) is not None and self.rules_ready.is_set():
+                log.info("rule %s deleted; %d rules", rule_id, len(self.rules))
             return
         try:
             rule = self.rule_decoder.decode(rec.value)
@@ -106,6 +107,8 @@ class Alerter:
             log.error("ignored undecodable rule %r: %s", rule_id, exc)
             return
         self.rules[rule.id] = rule
+        if self.rules_ready.is_set():
+            log.info("rule %s (%s) set; %d rules", rule.id, rule.name, len(self.rules))
 
     async def restore(self, partitions: list[int]) -> None:
         tps = [TopicPartition(self.state_topic, p) for p in partitions]
