@@ -102,7 +102,8 @@ class Transport:
 
 class HttpTransport(Transport):
     def __init__(self, s: Settings, key: str, mode: str) -> None:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        # httpcore scans its whole pool on every request: a small pool keeps the client cheap
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
         self.client = httpx.AsyncClient(
             timeout=10,
             limits=limits,
@@ -168,7 +169,7 @@ async def drive(
     duration: float,
     tally: Tally,
     progress: Any,
-    max_inflight: int = 512,
+    max_inflight: int = 64,
 ) -> None:
     """Start requests on a fixed schedule for `duration` seconds (open loop, bounded)."""
     interval = 60.0 / (per_min / batch)
