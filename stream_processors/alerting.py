@@ -174,10 +174,11 @@ def _metric_rule(
 
 
 def _drop_stale_rules(
-    rules: dict[str, AlertRuleRecord], state: DeviceState, at: datetime
+    active: dict[str, AlertRuleRecord], state: DeviceState, at: datetime
 ) -> list[AlertEvent]:
+    """Close what rules that no longer concern the device left open, and forget them."""
     events = []
-    for rule_id in [r for r in state.rules if r not in rules or not applies(rules[r], state)]:
+    for rule_id in [r for r in state.rules if r not in active]:
         rs = state.rules.pop(rule_id)
         if rs.open_id is not None:
             events.append(
@@ -193,10 +194,9 @@ def evaluate_reading(
     if state.last_ts is not None and reading.ts < state.last_ts:
         return []  # an older reading arriving late says nothing about the present
     state.site_id = reading.site_id
-    events = _drop_stale_rules(rules, state, reading.ts)
-    for rule in rules.values():
-        if not applies(rule, state):
-            continue
+    active = {rule_id: rule for rule_id, rule in rules.items() if applies(rule, state)}
+    events = _drop_stale_rules(active, state, reading.ts)
+    for rule in active.values():
         rs = state.rules.setdefault(rule.id, RuleState())
         if rule.kind == "offline":
             if rs.open_id is not None:

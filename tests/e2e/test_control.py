@@ -25,7 +25,14 @@ from tests.support import new_device
 TERMINAL = ("succeeded", "failed")
 
 
-def register(platform: Components, key: str, site: str, device_type: str = "battery") -> str:
+def register(
+    platform: Components,
+    db: psycopg.Connection,
+    key: str,
+    site: str,
+    device_type: str = "battery",
+) -> str:
+    """A device that has reported once, so the API knows its type."""
     device = new_device()
     body = {
         "device_id": device,
@@ -41,6 +48,7 @@ def register(platform: Components, key: str, site: str, device_type: str = "batt
         headers={"Authorization": f"Bearer {key}"},
     )
     assert r.status_code == 202
+    wait_registered(db, device)
     return device
 
 
@@ -126,8 +134,7 @@ def test_http_device_takes_and_completes_a_command_seen_live(
     site: str,
     device_key: str,
 ) -> None:
-    device = register(platform, device_key, site)
-    wait_registered(db, device)
+    device = register(platform, db, device_key, site)
     sse = SSEClient(f"{platform.api_url}/api/v1/stream", tokens["viewer"])
     cid = command(platform, tokens["operator"], device)
     got = fetch_next(platform, device_key, device)
@@ -162,8 +169,7 @@ def test_device_failure_is_recorded_with_its_reason(
     site: str,
     device_key: str,
 ) -> None:
-    device = register(platform, device_key, site)
-    wait_registered(db, device)
+    device = register(platform, db, device_key, site)
     cid = command(platform, tokens["operator"], device)
     assert fetch_next(platform, device_key, device).status_code == 200
     assert answer(platform, device_key, cid, "failed", "interlock active").status_code == 202
@@ -179,8 +185,7 @@ def test_unanswered_command_times_out_and_a_late_reply_changes_nothing(
     site: str,
     device_key: str,
 ) -> None:
-    device = register(platform, device_key, site)
-    wait_registered(db, device)
+    device = register(platform, db, device_key, site)
     cid = command(platform, tokens["operator"], device, ttl_s=1)
     done = settled(platform, tokens["viewer"], cid, timeout=10)
     assert (done["status"], done["reason"]) == ("failed", "timeout")
@@ -199,8 +204,7 @@ def test_kafka_device_consumes_dispatch_and_replies_on_results(
     device_key: str,
     stack: Settings,
 ) -> None:
-    device = register(platform, device_key, site, device_type="genset")
-    wait_registered(db, device)
+    device = register(platform, db, device_key, site, device_type="genset")
 
     async def act_as_device(ready: threading.Event, seen: list[CommandDispatch]) -> None:
         consumer = AIOKafkaConsumer(
@@ -252,8 +256,7 @@ def test_devices_see_and_answer_only_their_own_commands(
     site: str,
     device_key: str,
 ) -> None:
-    device = register(platform, device_key, site)
-    wait_registered(db, device)
+    device = register(platform, db, device_key, site)
     cid = command(platform, tokens["operator"], device)
     other_key = create_key(db, f"other-{uuid.uuid4().hex[:6]}")
     assert fetch_next(platform, other_key, device, wait=0).status_code == 403
@@ -276,8 +279,7 @@ def test_same_idempotency_key_never_executes_twice(
     site: str,
     device_key: str,
 ) -> None:
-    device = register(platform, device_key, site)
-    wait_registered(db, device)
+    device = register(platform, db, device_key, site)
     key = f"k-{uuid.uuid4().hex}"
     first = command(platform, tokens["operator"], device, key=key)
     again = command(platform, tokens["operator"], device, key=key)
@@ -295,9 +297,7 @@ def test_controller_killed_with_commands_in_flight_ends_each_in_one_terminal_sta
     site: str,
     device_key: str,
 ) -> None:
-    devices = [register(platform, device_key, site) for _ in range(4)]
-    for d in devices:
-        wait_registered(db, d)
+    devices = [register(platform, db, device_key, site) for _ in range(4)]
     ids = [command(platform, tokens["operator"], d, ttl_s=6) for d in devices for _ in range(3)]
     platform.kill("controller")
     more = [command(platform, tokens["operator"], d, ttl_s=6) for d in devices]
