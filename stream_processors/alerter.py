@@ -16,11 +16,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
-from faststream.message import StreamMessage
 
 from contracts import Groups, ReadingBatch, Topics
 from contracts.alerting import AlertEvent, AlertRuleRecord
@@ -28,14 +27,11 @@ from microgrid.kafka import RenewableProducer, read_to_end
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from stream_processors.alerting import DeviceState, evaluate_reading, evaluate_silence
+from stream_processors.partitions import StateListener, raw_records
 
 log = logging.getLogger("microgrid.alerter")
 
 TICK_S = 1.0
-
-
-async def _records(msg: StreamMessage[Any]) -> Any:
-    return None  # the handler reads the raw records
 
 
 class Alerter:
@@ -222,18 +218,6 @@ class Alerter:
                 log.warning("offline evaluation could not be sent: %r", exc)
 
 
-class _PartitionState(ConsumerRebalanceListener):
-    def __init__(self, alerter: Alerter) -> None:
-        self.a = alerter
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.a.forget([tp.partition for tp in revoked])
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        if assigned:
-            await self.a.restore([tp.partition for tp in assigned])
-
-
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
         s.kafka_bootstrap_servers, client_id="microgrid-alerter", log_level=logging.DEBUG
@@ -248,8 +232,8 @@ def create_app(s: Settings) -> FastStream:
         batch_timeout_ms=50,
         auto_offset_reset="latest",  # a new group judges the present, not a week of history
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_records,
-        listener=_PartitionState(alerter),
+        decoder=raw_records,
+        listener=StateListener(alerter),
     )
     async def evaluate_alert_rules(body: Any, msg: KafkaMessage) -> None:
         """Validated readings, evaluated against every alert rule that applies."""

@@ -17,11 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
-from faststream.message import StreamMessage
 
 from contracts import Groups, Topics
 from contracts.control import CommandDispatch, CommandRequested, CommandResult, ControlEvent
@@ -29,14 +28,11 @@ from microgrid.kafka import RenewableProducer, read_to_end
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from stream_processors.lifecycle import CommandState, Step, on_requested, on_result, on_tick
+from stream_processors.partitions import StateListener, raw_records
 
 log = logging.getLogger("microgrid.controller")
 
 TICK_S = 1.0
-
-
-async def _records(msg: StreamMessage[Any]) -> Any:
-    return None  # the handler reads the raw records
 
 
 class Controller:
@@ -188,18 +184,6 @@ class Controller:
                 log.warning("timeouts could not be sent: %r", exc)
 
 
-class _PartitionState(ConsumerRebalanceListener):
-    def __init__(self, controller: Controller) -> None:
-        self.c = controller
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.c.forget(sorted({tp.partition for tp in revoked}))
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        if assigned:
-            await self.c.restore(sorted({tp.partition for tp in assigned}))
-
-
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
         s.kafka_bootstrap_servers, client_id="microgrid-controller", log_level=logging.DEBUG
@@ -215,8 +199,8 @@ def create_app(s: Settings) -> FastStream:
         batch_timeout_ms=20,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_records,
-        listener=_PartitionState(controller),
+        decoder=raw_records,
+        listener=StateListener(controller),
     )
     async def run_command_lifecycles(body: Any, msg: KafkaMessage) -> None:
         """Command requests (from the API) and replies (from devices), by device."""

@@ -17,19 +17,15 @@ from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
-from faststream.message import StreamMessage
 
 from contracts import Groups, Headers, TimeWindow, Topics
 from microgrid.kafka import RenewableProducer
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
+from stream_processors.partitions import raw_records
 from stream_processors.validation import Valid, validate_record
 
 log = logging.getLogger("microgrid.validator")
-
-
-async def _records(msg: StreamMessage[Any]) -> Any:
-    return None  # the handler reads the raw records; skip FastStream's per-record JSON decode
 
 
 class RecordRouter:
@@ -118,7 +114,7 @@ def create_app(s: Settings) -> FastStream:
         batch_timeout_ms=50,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_records,
+        decoder=raw_records,
     )
     async def validate_raw_records(body: Any, msg: KafkaMessage) -> None:
         """Readings as sent by devices: one reading, or a batch of one device's readings."""

@@ -1,0 +1,31 @@
+"""What the FastStream processors share: raw records for batch handlers, and a rebalance
+listener that restores partition-scoped state on assignment and drops it on revocation."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from faststream.message import StreamMessage
+
+
+async def raw_records(msg: StreamMessage[Any]) -> Any:
+    return None  # handlers read msg.raw_message; skip FastStream's per-record JSON decode
+
+
+class PartitionScoped(Protocol):
+    async def restore(self, partitions: list[int]) -> None: ...
+
+    async def forget(self, partitions: list[int]) -> None: ...
+
+
+class StateListener(ConsumerRebalanceListener):
+    def __init__(self, owner: PartitionScoped) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.owner.forget(sorted({tp.partition for tp in revoked}))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        if assigned:
+            await self.owner.restore(sorted({tp.partition for tp in assigned}))
