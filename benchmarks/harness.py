@@ -21,6 +21,7 @@ import aiohttp
 import msgspec
 import psycopg
 
+from benchmarks.cpu import CpuMeter
 from benchmarks.limit import kafka_roundtrip_per_min
 from benchmarks.planted import AlertProbe
 from benchmarks.report import Report, percentiles, write_chart
@@ -279,11 +280,14 @@ async def run_once(
             )
 
     async with probe:
+        meter = CpuMeter()
+        meter.start()
         cpu0, wall0 = time.process_time(), time.monotonic()
         planting = asyncio.create_task(probe.plant_every(10.0, o.duration))
         await drive(transport, load, rate, p.batch, o.duration, tally, progress)
         elapsed = time.monotonic() - wall0
         cpu = time.process_time() - cpu0
+        cpu_by_process = meter.stop(elapsed)
         planting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await planting
@@ -291,7 +295,10 @@ async def run_once(
         rows = await wait_persisted(s, run, since, tally.accepted, o.drain_s, echo)
         alert_ms = await probe.latencies_ms()
     await transport.close()
-    return Report.build(p, o, rate, tally, rows, elapsed, cpu, alert_ms, limit)
+    report = Report.build(p, o, rate, tally, rows, elapsed, cpu, alert_ms, limit)
+    report.extra["alerts_planted"] = len(probe.planted)
+    report.extra["cpu_pct_by_process"] = cpu_by_process
+    return report
 
 
 async def benchmark(s: Settings, o: Options, echo: Any) -> Report:

@@ -4,32 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
+import uvloop
+
 from microgrid.logs import configure_logging
 from microgrid.settings import Settings, get_settings
 
 
 def _serve_http(target: str, host: str, port: int, workers: int) -> None:
-    from granian import Granian
-    from granian.constants import HTTPModes, Interfaces, Loops
+    # uvicorn (httptools, uvloop) costs less CPU per request here than granian did: with
+    # the gateway's POST at 1,500 requests/s, 414 us against 499 us, and half the latency.
+    import uvicorn
 
-    Granian(
+    uvicorn.run(
         target,
-        address=host,
+        host=host,
         port=port,
-        interface=Interfaces.ASGI,
-        workers=workers,
-        loop=Loops.uvloop,
-        http=HTTPModes.http1,
         factory=True,
-        log_access=False,
-        backpressure=2048,
-    ).serve()
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,  # our logging, configured by main()
+        limit_concurrency=4096,  # last resort; the apps shed load with 503 + Retry-After first
+        backlog=2048,
+        timeout_graceful_shutdown=10,
+    )
 
 
 def gateway(s: Settings) -> None:
@@ -48,19 +55,19 @@ def api(s: Settings) -> None:
 def validator(s: Settings) -> None:
     from stream_processors.validator import create_app
 
-    asyncio.run(create_app(s).run())
+    uvloop.run(create_app(s).run())
 
 
 def alerter(s: Settings) -> None:
     from stream_processors.alerter import create_app
 
-    asyncio.run(create_app(s).run())
+    uvloop.run(create_app(s).run())
 
 
 def controller(s: Settings) -> None:
     from stream_processors.controller import create_app
 
-    asyncio.run(create_app(s).run())
+    uvloop.run(create_app(s).run())
 
 
 def projector(s: Settings) -> None:
@@ -93,7 +100,7 @@ def projector(s: Settings) -> None:
                 task.cancel()
             await events.close()
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 def simulator(s: Settings) -> None:
@@ -109,7 +116,7 @@ def simulator(s: Settings) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(main())
+    uvloop.run(main())
 
 
 COMPONENTS: dict[str, Callable[[Settings], None]] = {
@@ -123,10 +130,17 @@ COMPONENTS: dict[str, Callable[[Settings], None]] = {
 EXTRAS: dict[str, Callable[[Settings], None]] = {"simulator": simulator}
 
 
+def tune_gc() -> None:
+    """Fewer collections of the young generation: a request or a batch allocates many short
+    -lived objects, and collecting every 700 allocations took 8 % of the gateway's CPU."""
+    gc.set_threshold(50_000, 20, 100)
+
+
 def main(argv: list[str]) -> None:
     name = argv[1]
     s = get_settings()
     configure_logging(name, s.log_level)
+    tune_gc()
     target = COMPONENTS.get(name) or EXTRAS[name]
     with contextlib.suppress(KeyboardInterrupt):
         target(s)

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     max_reading_age_s: int = Field(7 * 24 * 3600, ge=60)
 
     # Stream processors and projections
+    # Stream consumers let the broker gather data before answering a fetch: fewer, larger
+    # batches cut the per-batch cost (fetch, handler, commit, produce request) at a bounded
+    # delay per stage.
+    consumer_fetch_min_bytes: int = Field(65_536, ge=1)
+    consumer_fetch_max_wait_ms: int = Field(100, ge=0)
     validator_max_records: int = Field(500, ge=1)
     projector_max_records: int = Field(2000, ge=1)
     alerter_max_records: int = Field(1000, ge=1)

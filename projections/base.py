@@ -54,6 +54,8 @@ class Projection(Generic[T]):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1_048_576,
+            fetch_min_bytes=s.consumer_fetch_min_bytes,
+            fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
             client_id=group,
         )
         self.positions: dict[int, store.Position] = {}

@@ -23,7 +23,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, ReadingBatch, Topics
 from contracts.alerting import AlertEvent, AlertRuleRecord
-from microgrid.kafka import RenewableProducer, read_to_end
+from microgrid.kafka import RenewableProducer, read_table
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from stream_processors.alerting import DeviceState, evaluate_reading, evaluate_silence
@@ -108,18 +108,19 @@ class Alerter:
 
     async def restore(self, partitions: list[int]) -> None:
         tps = [TopicPartition(self.state_topic, p) for p in partitions]
-        records = await read_to_end(self.s, tps)
+        table = await read_table(self.s, tps)
+        restored: dict[str, tuple[DeviceState, int]] = {}
+        for i, ((partition, key), rec) in enumerate(table.items()):
+            restored[key.decode()] = (self.state_decoder.decode(rec.value), partition)
+            if i % 10_000 == 9_999:
+                await asyncio.sleep(0)  # keep heartbeats going through a large restore
         async with self.lock:
-            for rec in records:
-                device = (rec.key or b"").decode()
-                if rec.value is None:
-                    self.states.pop(device, None)
-                    continue
-                self.states[device] = self.state_decoder.decode(rec.value)
-                self.partition_of[device] = rec.partition
+            for device, (state, partition) in restored.items():
+                self.states[device] = state
+                self.partition_of[device] = partition
             for p in partitions:
                 self.ready.setdefault(p, asyncio.Event()).set()
-        log.info("restored state of %d devices for partitions %s", len(records), partitions)
+        log.info("restored the state of %d devices for partitions %s", len(restored), partitions)
 
     async def forget(self, partitions: list[int]) -> None:
         async with self.lock:  # let the batch in flight finish
@@ -230,6 +231,8 @@ def create_app(s: Settings) -> FastStream:
         batch=True,
         max_records=s.alerter_max_records,
         batch_timeout_ms=50,
+        fetch_min_bytes=s.consumer_fetch_min_bytes,
+        fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
         auto_offset_reset="latest",  # a new group judges the present, not a week of history
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=raw_records,

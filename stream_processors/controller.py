@@ -24,7 +24,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Topics
 from contracts.control import CommandDispatch, CommandRequested, CommandResult, ControlEvent
-from microgrid.kafka import RenewableProducer, read_to_end
+from microgrid.kafka import RenewableProducer, read_table
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from stream_processors.lifecycle import CommandState, Step, on_requested, on_result, on_tick
@@ -67,10 +67,10 @@ class Controller:
 
     async def restore(self, partitions: list[int]) -> None:
         tps = [TopicPartition(self.state_topic, p) for p in partitions]
-        records = await read_to_end(self.s, tps)
+        records = (await read_table(self.s, tps)).values()
         async with self.lock:
             for rec in records:
-                state = self.state_decoder.decode(rec.value or b"")
+                state = self.state_decoder.decode(rec.value)
                 self.states[state.id] = state
                 self.partition_of[state.id] = rec.partition
             for p in partitions:

@@ -112,6 +112,8 @@ def create_app(s: Settings) -> FastStream:
         batch=True,
         max_records=s.validator_max_records,
         batch_timeout_ms=50,
+        fetch_min_bytes=s.consumer_fetch_min_bytes,
+        fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=raw_records,
