@@ -247,7 +247,7 @@ def reliable_producer(s: Settings, **overrides: object) -> AIOKafkaProducer:
         "linger_ms": s.producer_linger_ms,
         "max_batch_size": s.producer_max_batch_bytes,
         "max_request_size": 4 * 1_048_576,
-        "compression_type": None,
+        "compression_type": None if s.producer_compression == "none" else s.producer_compression,
         "request_timeout_ms": 10_000,
     }
     options.update(overrides)

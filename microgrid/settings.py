@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,7 @@ class Settings(BaseSettings):
     ingest_max_inflight_readings: int = Field(100_000, ge=1)
     ingest_key_cache_s: float = Field(30.0, ge=0)
     producer_linger_ms: int = Field(5, ge=0)
+    producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     producer_max_batch_bytes: int = Field(1_048_576, ge=16_384)
 
     # Query API (and dashboard)

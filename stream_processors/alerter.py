@@ -120,7 +120,7 @@ class Alerter:
                 self.partition_of[device] = partition
             for p in partitions:
                 self.ready.setdefault(p, asyncio.Event()).set()
-        log.info("restored the state of %d devices for partitions %s", len(restored), partitions)
+        log.info("restored state of %d devices for partitions %s", len(restored), partitions)
 
     async def forget(self, partitions: list[int]) -> None:
         async with self.lock:  # let the batch in flight finish

@@ -52,6 +52,13 @@ def test_tiny_stress_run_reports_consistent_figures(
     assert data["limit"]["kafka_roundtrip_per_min"] > data["throughput_per_min"] > 0
     assert 0 < data["limit"]["ratio"] < 1
     assert data["alerts_planted_and_seen"] >= 1
+    assert data["alerts_planted"] >= data["alerts_planted_and_seen"]
+    # where the CPU went: the platform's processes on this host, by role
+    cpu = data["cpu_pct_by_process"]
+    assert cpu["load generator"] > 0 and cpu["kafka"] > 0
+    if transport == "http":
+        assert cpu["gateway"] > 0
+    assert cpu["validator"] > 0 and cpu["projector"] > 0
     assert report.with_suffix(".png").stat().st_size > 1000
     assert "SLO passed" in out.stderr
 
