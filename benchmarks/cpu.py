@@ -27,16 +27,27 @@ def _role(proc: psutil.Process) -> str | None:
 
 
 def _times() -> dict[int, tuple[str, float]]:
-    out = {}
+    roles: dict[int, tuple[str, psutil.Process]] = {}
     for proc in psutil.process_iter():
         role = _role(proc)
-        if role is None:
+        if role is not None:
+            roles[proc.pid] = (role, proc)
+    for role, proc in list(roles.values()):
+        if role == "load generator":
             continue
+        try:  # e.g. the gateway's worker processes, when it runs several
+            children = proc.children(recursive=True)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        for child in children:
+            roles.setdefault(child.pid, (role, child))
+    out = {}
+    for pid, (role, proc) in roles.items():
         try:
             t = proc.cpu_times()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        out[proc.pid] = (role, t.user + t.system)
+        out[pid] = (role, t.user + t.system)
     return out
 
 

@@ -26,7 +26,12 @@ from contracts.alerting import AlertEvent, AlertRuleRecord
 from microgrid.kafka import RenewableProducer, read_table
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
-from stream_processors.alerting import DeviceState, evaluate_reading, evaluate_silence
+from stream_processors.alerting import (
+    DeviceState,
+    evaluate_reading,
+    evaluate_silence,
+    silence_settled,
+)
 from stream_processors.partitions import StateListener, raw_records
 
 log = logging.getLogger("microgrid.alerter")
@@ -44,6 +49,9 @@ class Alerter:
         self.rules: dict[str, AlertRuleRecord] = {}
         self.rules_ready = asyncio.Event()
         self.states: dict[str, DeviceState] = {}
+        # devices whose offline alerts are all open: the clock skips them until they report
+        # again or the rules change, so silent devices cost nothing per tick
+        self.settled: set[str] = set()
         self.partition_of: dict[str, int] = {}
         self.lock = asyncio.Lock()
         self.producer = RenewableProducer(s, "microgrid-alerter-out")
@@ -93,6 +101,7 @@ class Alerter:
 
     def _apply_rule(self, rec: ConsumerRecord[bytes, bytes]) -> None:
         rule_id = (rec.key or b"").decode()
+        self.settled.clear()
         if rec.value is None:
             if self.rules.pop(rule_id, None) is not None and self.rules_ready.is_set():
                 log.info("rule %s deleted; %d rules", rule_id, len(self.rules))
@@ -130,6 +139,7 @@ class Alerter:
             for device in gone:
                 self.states.pop(device, None)
                 self.partition_of.pop(device, None)
+                self.settled.discard(device)
 
     async def evaluate(self, records: tuple[ConsumerRecord[bytes, bytes], ...]) -> None:
         self.backlogged = len(records) >= self.s.alerter_max_records
@@ -147,6 +157,7 @@ class Alerter:
                 except msgspec.MsgspecError as exc:
                     log.error("skipped undecodable record @%d: %s", rec.offset, exc)
                     continue
+                self.settled.discard(device)
                 state = self.states.get(device)
                 if state is None:
                     first = readings[0]
@@ -207,12 +218,16 @@ class Alerter:
                     events: list[AlertEvent] = []
                     changed: dict[str, DeviceState] = {}
                     for device, state in self.states.items():
+                        if device in self.settled:
+                            continue
                         if state.last_ts is not None and state.last_ts >= recent:
                             continue  # reported lately: no offline rule can fire
                         found = evaluate_silence(self.rules, state, now)
                         if found:
                             events.extend(found)
                             changed[device] = state
+                        if silence_settled(self.rules, state):
+                            self.settled.add(device)
                     if events:
                         await self.emit(events, changed)
             except KafkaError as exc:

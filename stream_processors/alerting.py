@@ -209,6 +209,16 @@ def evaluate_reading(
     return events
 
 
+def silence_settled(rules: dict[str, AlertRuleRecord], state: DeviceState) -> bool:
+    """Every offline rule that concerns the device has its alert open: until the device
+    reports again or the rules change, `evaluate_silence` has nothing more to say about it."""
+    return all(
+        (rs := state.rules.get(rule.id)) is not None and rs.open_id is not None
+        for rule in rules.values()
+        if rule.kind == "offline" and applies(rule, state)
+    )
+
+
 def evaluate_silence(
     rules: dict[str, AlertRuleRecord], state: DeviceState, now: datetime
 ) -> list[AlertEvent]:

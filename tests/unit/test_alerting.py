@@ -20,6 +20,7 @@ from stream_processors.alerting import (
     applies,
     evaluate_reading,
     evaluate_silence,
+    silence_settled,
 )
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -492,6 +493,20 @@ def test_offline_opens_once_after_silence() -> None:
     assert opened.site_id == SITE
     assert evaluate_silence(rules, state, at(400)) == []
     assert evaluate_silence(rules, state, at(10_000)) == []
+
+
+def test_silence_is_settled_once_every_offline_alert_of_the_device_is_open() -> None:
+    other_site = offline_rule("elsewhere", 60.0, scope=RuleScope(site_id="site-2"))
+    rules = rules_of(offline_rule("short", 60.0), offline_rule("long", 600.0), other_site)
+    state = fresh()
+    evaluate_reading(rules, reading(0, 20.0), state)
+    assert not silence_settled(rules, state)
+    assert len(evaluate_silence(rules, state, at(61))) == 1
+    assert not silence_settled(rules, state)  # the 600 s rule can still fire
+    assert len(evaluate_silence(rules, state, at(601))) == 1
+    assert silence_settled(rules, state)  # the other site's rule does not concern it
+    evaluate_reading(rules, reading(700, 20.0), state)  # reporting again clears both
+    assert not silence_settled(rules, state)
 
 
 def test_offline_next_reading_clears_at_reading_ts() -> None:
