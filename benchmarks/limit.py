@@ -18,6 +18,18 @@ if TYPE_CHECKING:
     from benchmarks.harness import Profile
 
 
+async def _leaders_elected(admin: AIOKafkaAdminClient, topic: str, timeout_s: float = 10.0) -> None:
+    """Wait until every partition of a new topic has a leader, so the first sends are not
+    refused (and retried, with a warning each) while the controller elects them."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        [described] = await admin.describe_topics([topic])
+        partitions = described.get("partitions") or []
+        if partitions and all(p.get("leader", -1) >= 0 for p in partitions):
+            return
+        await asyncio.sleep(0.1)
+
+
 async def kafka_roundtrip_per_min(s: Settings, p: Profile, seconds: float) -> float:
     """Readings/min that one producer and one consumer move through the broker, with records
     shaped like the run's (one record per device per request)."""
@@ -37,6 +49,7 @@ async def kafka_roundtrip_per_min(s: Settings, p: Profile, seconds: float) -> fl
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
     await admin.start()
     await admin.create_topics([NewTopic(topic, s.device_topic_partitions, 1)])
+    await _leaders_elected(admin, topic)
     producer = reliable_producer(s, client_id="bench-limit")
     consumer = AIOKafkaConsumer(
         topic,
