@@ -107,7 +107,7 @@ class HttpTransport(Transport):
     def __init__(self, s: Settings, key: str, mode: str) -> None:
         path = "/api/v1/telemetry" if mode == "single" else "/api/v1/telemetry/batch"
         self.mode = mode
-        self.client = HttpClient(s.gateway_host, s.gateway_port, size=64)
+        self.client = HttpClient(s.gateway_host, s.gateway_port)
         self.head = self.client.prepare(
             path, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         )
@@ -290,7 +290,7 @@ async def run_once(s: Settings, o: Options, echo: Any, per_min: float | None = N
         rows = await wait_persisted(s, run, since, tally.accepted, o.drain_s, echo)
         alert_ms = await probe.latencies_ms()
     await transport.close()
-    report = Report.build(p, o, rate, tally, rows, elapsed, cpu, alert_ms, None)
+    report = Report.build(p, o, rate, tally, rows, elapsed, cpu, alert_ms)
     report.extra["alerts_planted"] = len(probe.planted)
     report.extra["cpu_pct_by_process"] = cpu_by_process
     return report
@@ -303,10 +303,7 @@ async def benchmark(s: Settings, o: Options, echo: Any) -> Report:
         # must not share the machine with the run being measured
         echo("measuring the raw Kafka limit (plain aiokafka producer and consumer) ...")
         limit = await kafka_roundtrip_per_min(s, o.profile, seconds=min(10.0, o.duration))
-        report.limit = {
-            "kafka_roundtrip_per_min": limit,
-            "ratio": round(report.throughput_per_min / limit, 4) if limit else None,
-        }
+        report.set_limit(limit)
     return report
 
 

@@ -9,9 +9,13 @@ this client sends prepared bytes and reads only the status line, headers and bod
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import time
 
 import httptools
+
+# uvicorn closes a connection idle for 5 s: one idle for longer than this is not reused, so a
+# request never races the server's close
+MAX_IDLE_S = 4.0
 
 
 class _Connection(asyncio.Protocol):
@@ -20,6 +24,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[int] | None = None
         self.closed = False
+        self.idle_since = 0.0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,12 +65,12 @@ class _Connection(asyncio.Protocol):
 
 
 class HttpClient:
-    """At most `size` connections to one host; `post` returns the response status."""
+    """Keep-alive connections to one host, opened as needed (the caller bounds how many
+    requests are in flight); `post` returns the response status."""
 
-    def __init__(self, host: str, port: int, size: int = 64) -> None:
+    def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.idle: list[_Connection] = []
-        self.slots = asyncio.Semaphore(size)
 
     def prepare(self, path: str, headers: dict[str, str]) -> bytes:
         """The request head without Content-Length, for `post`."""
@@ -74,31 +79,35 @@ class HttpClient:
         return ("\r\n".join(lines) + "\r\n").encode()
 
     async def post(self, head: bytes, body: bytes, timeout_s: float = 10.0) -> int:
-        """Raises OSError (ConnectionError) or TimeoutError when no answer came."""
-        async with self.slots:
-            conn = await self._connection()
-            raw = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
-            try:
-                async with asyncio.timeout(timeout_s):
-                    status = await conn.request(raw)
-            except BaseException:
+        """Raises OSError (ConnectionError) or TimeoutError when no answer came in time,
+        connecting included."""
+        conn: _Connection | None = None
+        raw = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
+        try:
+            async with asyncio.timeout(timeout_s):
+                conn = await self._connection()
+                status = await conn.request(raw)
+        except BaseException:
+            if conn is not None:
                 conn.close()  # a late answer must not be read as the next request's
-                raise
-            if not conn.closed:
-                self.idle.append(conn)
-            return status
+            raise
+        if not conn.closed:
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+        return status
 
     async def _connection(self) -> _Connection:
+        fresh = time.monotonic() - MAX_IDLE_S
         while self.idle:
             conn = self.idle.pop()
-            if not conn.closed:
+            if not conn.closed and conn.idle_since >= fresh:
                 return conn
+            conn.close()
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(_Connection, self.host, self.port)
         return conn
 
     async def close(self) -> None:
         for conn in self.idle:
-            with contextlib.suppress(Exception):
-                conn.close()
+            conn.close()
         self.idle.clear()

@@ -197,6 +197,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await pool.close()
 
     return Litestar(
+        logging_config=None,  # the process's logging (microgrid.logs), not Litestar's own
         route_handlers=[
             ingest_reading,
             ingest_batch,

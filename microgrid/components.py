@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -32,15 +35,47 @@ def _serve_http(target: str, host: str, port: int, workers: int) -> None:
         http="httptools",
         lifespan="on",
         access_log=False,
-        log_config=None,  # our logging, configured by main()
+        log_config=None,  # our logging, configured by main() and in each worker
         limit_concurrency=4096,  # last resort; the apps shed load with 503 + Retry-After first
         backlog=2048,
         timeout_graceful_shutdown=10,
     )
 
 
+def _in_worker(component: str) -> Settings:
+    """What main() does, again in a uvicorn worker: with several workers uvicorn spawns fresh
+    interpreters that import the app factory and never run main()."""
+    s = get_settings()
+    configure_logging(component, s.log_level)
+    tune_gc()
+    return s
+
+
+def gateway_app() -> Any:
+    from ingest_gateway.app import create_app
+
+    return create_app(_in_worker("gateway"))
+
+
+def api_app() -> Any:
+    from query_api.app import create_app
+
+    return create_app(_in_worker("api"))
+
+
 def gateway(s: Settings) -> None:
-    _serve_http("ingest_gateway.app:create_app", s.gateway_host, s.gateway_port, s.gateway_workers)
+    metrics_dir = None
+    if s.gateway_workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # one /metrics for all workers: prometheus_client adds up what each wrote here
+        metrics_dir = tempfile.mkdtemp(prefix="microgrid-gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _serve_http(
+            "microgrid.components:gateway_app", s.gateway_host, s.gateway_port, s.gateway_workers
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def api(s: Settings) -> None:
@@ -49,7 +84,7 @@ def api(s: Settings) -> None:
     if reason := secret_problem(s):
         logging.getLogger("microgrid.api").error("refusing to start: %s", reason)
         sys.exit(2)
-    _serve_http("query_api.app:create_app", s.api_host, s.api_port, 1)
+    _serve_http("microgrid.components:api_app", s.api_host, s.api_port, 1)
 
 
 def validator(s: Settings) -> None:

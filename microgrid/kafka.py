@@ -1,4 +1,4 @@
-"""Kafka client factories and idempotent topic creation."""
+"""Kafka client factories, and topics created or brought to their configs idempotently."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from contracts import Topics
 from microgrid.settings import Settings
@@ -102,26 +102,43 @@ async def ensure_topics(s: Settings, timeout_s: float = 15.0) -> list[str]:
     return created
 
 
+DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
+
+
 async def _reconcile_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
-    """Set the configs of `specs` on existing topics where the broker has other values."""
+    """Set the configs of `specs` on existing topics where the broker has other values, and
+    keep whatever else was set on those topics (by an operator, say)."""
     if not specs:
         return
     resources = [ConfigResource(ConfigResourceType.TOPIC, spec.name) for spec in specs]
     current: dict[str, dict[str, str]] = {}
+    dynamic: dict[str, dict[str, str]] = {}
     for response in await admin.describe_configs(resources):
-        for _code, _msg, _type, name, entries in response.resources:
+        for code, message, _type, name, entries in response.resources:
+            if code:
+                raise KafkaError(f"cannot read the configs of topic {name}: {message}")
             current[name] = {entry[0]: entry[1] for entry in entries}
+            dynamic[name] = {e[0]: e[1] for e in entries if e[3] == DYNAMIC_TOPIC_CONFIG}
     stale = [
         spec
         for spec in specs
-        if any(current.get(spec.name, {}).get(k) != v for k, v in spec.config.items())
+        if any(current[spec.name].get(k) != v for k, v in spec.config.items())
     ]
     if not stale:
         return
-    # AlterConfigs replaces a topic's dynamic configs: send the whole spec, as at creation
-    await admin.alter_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, spec.name, spec.config) for spec in stale]
+    # AlterConfigs replaces all of a topic's dynamic configs: send the kept ones with ours
+    responses = await admin.alter_configs(
+        [
+            ConfigResource(
+                ConfigResourceType.TOPIC, spec.name, {**dynamic[spec.name], **spec.config}
+            )
+            for spec in stale
+        ]
     )
+    for response in responses:
+        for code, message, _type, name in response.resources:
+            if code:
+                raise KafkaError(f"cannot update the configs of topic {name}: {message}")
     log.info("updated the configs of topics %s", ", ".join(spec.name for spec in stale))
 
 

@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     prometheus = prometheus_config("query_api")
     return Litestar(
+        logging_config=None,  # the process's logging (microgrid.logs), not Litestar's own
         route_handlers=[
             login,
             DeviceController,

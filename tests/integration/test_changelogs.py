@@ -35,7 +35,14 @@ def test_an_existing_changelog_gets_small_segments_and_an_eager_cleaner(stack: S
         await admin.start()
         try:
             await admin.create_topics(
-                [NewTopic(state, 1, 1, topic_configs={"cleanup.policy": "compact"})]
+                [
+                    NewTopic(
+                        state,
+                        1,
+                        1,
+                        topic_configs={"cleanup.policy": "compact", "max.message.bytes": "2000000"},
+                    )
+                ]
             )
         finally:
             await admin.close()
@@ -51,6 +58,7 @@ def test_an_existing_changelog_gets_small_segments_and_an_eager_cleaner(stack: S
     assert config["cleanup.policy"] == "compact"
     assert int(config["segment.bytes"]) <= 16 * 1_048_576
     assert float(config["min.cleanable.dirty.ratio"]) < 0.5
+    assert config["max.message.bytes"] == "2000000"  # what an operator set there stays
 
 
 def test_read_table_gives_the_latest_value_of_each_key_without_deleted_keys(
