@@ -52,9 +52,9 @@ def _in_worker(component: str) -> Settings:
 
 
 def gateway_app() -> Any:
-    from ingest_gateway.app import create_app
+    from ingest_gateway.app import serve_app
 
-    return create_app(_in_worker("gateway"))
+    return serve_app(_in_worker("gateway"))
 
 
 def api_app() -> Any:

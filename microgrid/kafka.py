@@ -184,14 +184,15 @@ class RenewableProducer:
     producer fails every later send with the same error; only a new producer recovers.
     """
 
-    def __init__(self, s: Settings, client_id: str) -> None:
+    def __init__(self, s: Settings, client_id: str, **overrides: object) -> None:
         self.s = s
         self.client_id = client_id
+        self.overrides = overrides
         self.producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> AIOKafkaProducer:
-        self.producer = reliable_producer(self.s, client_id=self.client_id)
+        self.producer = reliable_producer(self.s, client_id=self.client_id, **self.overrides)
         await self.producer.start()
         return self.producer
 

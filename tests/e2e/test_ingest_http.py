@@ -154,3 +154,60 @@ def test_overload_is_shed_with_503_and_everything_accepted_is_stored(
     wait_for(lambda: stored_count(db, accepted) == (50 * len(accepted),) * 2, what="accepted")
     refused = [d for d, r in zip(devices, responses, strict=True) if r.status_code == 503]
     assert stored_count(db, refused) == (0, 0)
+
+
+def test_fast_path_and_litestar_handlers_answer_alike(
+    platform: Components, db: psycopg.Connection, site: str, device_key: str
+) -> None:
+    # The ingest routes are served by a fast path in front of Litestar; a trailing slash
+    # takes the same request through Litestar's own handlers instead.
+    device = new_device()
+    for name, path, kw, status, _ in _refused_cases(site, device):
+        key = None if name == "no key" else "mgk_forged" if name == "bad key" else device_key
+        fast, slow = post(platform, path, key, **kw), post(platform, path + "/", key, **kw)
+        assert fast.status_code == slow.status_code == status, name
+        if status != 413:
+            assert fast.json() == slow.json(), name
+            assert fast.headers["content-type"] == slow.headers["content-type"], name
+            assert fast.headers.get("www-authenticate") == slow.headers.get("www-authenticate")
+    one, other = new_device(), new_device()
+    r = post(platform, "/api/v1/telemetry/", device_key, json=reading(one, site))
+    assert (r.status_code, r.json()) == (202, {"accepted": 1})
+    batch = {"readings": [reading(other, site, seq=i) for i in range(3)]}
+    r = post(platform, "/api/v1/telemetry/batch/", device_key, json=batch)
+    assert (r.status_code, r.json()) == (202, {"accepted": 3})
+    wait_for(lambda: stored_count(db, [one, other]) == (4, 4), what="readings via Litestar")
+    assert stored_count(db, [device]) == (0, 0)
+
+
+def test_streamed_body_over_the_limit_is_refused(platform: Components, device_key: str) -> None:
+    def chunks() -> Any:  # no Content-Length: the limit is enforced while reading
+        for _ in range(40):
+            yield b" " * 65536
+
+    r = post(platform, "/api/v1/telemetry/batch", device_key, content=chunks())
+    assert r.status_code == 413
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["title"] == "Request body too large"
+
+
+def test_gateway_metrics_count_ingest_requests_by_status(
+    platform: Components, site: str, device_key: str
+) -> None:
+    def counts() -> dict[str, float]:
+        text = httpx.get(f"{platform.gateway_url}/metrics", timeout=5).text
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("microgrid_requests_total{") and 'path="/api/v1/telemetry"' in line:
+                status = line.split('status_code="')[1].split('"')[0]
+                found[status] = float(line.rsplit(" ", 1)[1])
+        return found
+
+    before = counts()
+    for _ in range(3):
+        r = post(platform, "/api/v1/telemetry", device_key, json=reading(new_device(), site))
+        assert r.status_code == 202
+    assert post(platform, "/api/v1/telemetry", None, json={}).status_code == 401
+    after = counts()
+    assert after["202"] - before.get("202", 0) == 3
+    assert after["401"] - before.get("401", 0) == 1
