@@ -11,17 +11,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from aiokafka.errors import KafkaError
-from litestar import Litestar, Request, post
+from litestar import Litestar, Request, Response, post
 from litestar.datastructures import State
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from psycopg_pool import AsyncConnectionPool
 
 from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
 from ingest_gateway.commands import command_result, next_command
-from ingest_gateway.fastpath import IngestFront, RouteMetrics
+from ingest_gateway.fastpath import IngestFront, RouteMetrics, body_too_large
 from ingest_gateway.keys import KeyStore, KeyStoreUnavailable
 from microgrid.http import (
     MetricsController,
@@ -243,6 +244,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await gw.producer.stop()  # flushes what is buffered
             await pool.close()
 
+    def too_large(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        return body_too_large(s.ingest_max_body_bytes).to_response(request)
+
     return Litestar(
         logging_config=None,  # the process's logging (microgrid.logs), not Litestar's own
         route_handlers=[
@@ -256,7 +260,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         middleware=[prometheus_config(APP_NAME).middleware],
         plugins=[problem_details_plugin()],
-        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        exception_handlers={
+            **exception_handlers,  # type: ignore[dict-item]
+            RequestEntityTooLarge: too_large,
+        },
         request_max_body_size=s.ingest_max_body_bytes,
         openapi_config=openapi_config(
             "Microgrid ingest gateway",

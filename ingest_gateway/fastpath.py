@@ -40,6 +40,10 @@ class _TooLarge(Exception):
     pass
 
 
+def body_too_large(max_body_bytes: int) -> ProblemDetailsException:
+    return problem(413, "Request body too large", f"at most {max_body_bytes} bytes per request")
+
+
 class RouteMetrics:
     """Counts the front's requests in Litestar's Prometheus families (`<prefix>_requests_total`,
     `_request_duration_seconds`, `_requests_in_progress`, `_requests_error_total`), with the
@@ -110,9 +114,9 @@ class IngestFront:
             self.metrics.finished(path, status, time.perf_counter() - started)
 
     async def _ingest(self, scope: Scope, receive: Receive, send: Send, batch: bool) -> int:
-        authorization, length = "", None
+        authorization, length = None, None
         for name, value in scope["headers"]:
-            if name == b"authorization":
+            if name == b"authorization" and authorization is None:  # the first, as Litestar
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
                 length = value
@@ -123,12 +127,9 @@ class IngestFront:
             body = await self._body(receive)
             if body is None:  # the client went away before sending it all
                 return 499
-            accepted = await gw.ingest(authorization, body, batch=batch)
+            accepted = await gw.ingest(authorization or "", body, batch=batch)
         except _TooLarge:
-            exc = problem(
-                413, "Request body too large", f"at most {self.max_body} bytes per request"
-            )
-            return await _send_problem(send, exc)
+            return await _send_problem(send, body_too_large(self.max_body))
         except ProblemDetailsException as exc:
             return await _send_problem(send, exc)
         except Exception:

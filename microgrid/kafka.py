@@ -192,9 +192,15 @@ class RenewableProducer:
         self._lock = asyncio.Lock()
 
     async def start(self) -> AIOKafkaProducer:
-        self.producer = reliable_producer(self.s, client_id=self.client_id, **self.overrides)
-        await self.producer.start()
-        return self.producer
+        producer = reliable_producer(self.s, client_id=self.client_id, **self.overrides)
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        self.producer = producer  # only a started producer replaces the one in use
+        return producer
 
     async def stop(self) -> None:
         if self.producer is not None:
@@ -212,7 +218,11 @@ class RenewableProducer:
                 return False
             old = self.producer
             log.warning("Kafka producer %s has failed for good; replacing it", self.client_id)
-            await self.start()
+            try:
+                await self.start()
+            except Exception as exc:  # the broker may still be away: the next caller retries
+                log.warning("could not replace Kafka producer %s: %r", self.client_id, exc)
+                return False
             if old is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(old.stop(), timeout=5)
