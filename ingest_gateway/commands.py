@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from aiokafka.errors import KafkaError
@@ -19,6 +19,19 @@ from litestar.params import Parameter
 from contracts import Topics
 from contracts.control import CommandDispatch, CommandResult
 from microgrid.http import problem
+
+if TYPE_CHECKING:
+    from ingest_gateway.app import Gateway
+
+
+def _gateway(state: State) -> Gateway:
+    gw: Gateway = state.gateway
+    return gw
+
+
+async def _site_of_key(state: State, request: Request[Any, Any, State]) -> str:
+    return await _gateway(state).authenticate(request.headers.get("authorization", ""))
+
 
 POLL_INTERVAL_S = 0.25
 MAX_WAIT_S = 30
@@ -54,7 +67,7 @@ async def next_command(
     wait: Annotated[float, Parameter(ge=0, le=MAX_WAIT_S, description="seconds")] = 0,
 ) -> Response[Any]:
     """The device's next command (200), or 204 when none came within `wait` seconds."""
-    site = await state.gateway.authenticate(request)
+    site = await _site_of_key(state, request)
     if await _site_of_device(state, device_id) != site:
         raise problem(403, "Not your device", f"this key may not act for {device_id!r}")
     deadline = time.monotonic() + wait
@@ -77,7 +90,7 @@ async def command_result(
     request: Request[Any, Any, State], state: State, command_id: Any
 ) -> dict[str, str]:
     """A device's answer to one of its commands: `{"status": "succeeded"|"failed", "reason"}`."""
-    site = await state.gateway.authenticate(request)
+    site = await _site_of_key(state, request)
     try:
         reply = msgspec.json.decode(await request.body(), type=CommandResult)
     except msgspec.ValidationError as exc:
