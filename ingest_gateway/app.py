@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiokafka.errors import KafkaError
-from litestar import Litestar, Request, Response, post
+from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from psycopg_pool import AsyncConnectionPool
@@ -25,6 +25,7 @@ from ingest_gateway.commands import command_result, next_command
 from ingest_gateway.fastpath import IngestFront, RouteMetrics, body_too_large
 from ingest_gateway.keys import KeyStore, KeyStoreUnavailable
 from microgrid.http import (
+    READY_CHECK_TIMEOUT_S,
     MetricsController,
     exception_handlers,
     healthz,
@@ -32,8 +33,9 @@ from microgrid.http import (
     problem,
     problem_details_plugin,
     prometheus_config,
+    readiness,
 )
-from microgrid.kafka import RenewableProducer
+from microgrid.kafka import KafkaProbe, RenewableProducer
 from microgrid.settings import Settings, get_settings
 
 log = logging.getLogger("microgrid.gateway")
@@ -82,6 +84,7 @@ class Gateway:
         self.keys = keys
         self.producer = RenewableProducer(settings, "microgrid-gateway", linger_ms=0)
         self.window = SendWindow(settings.producer_linger_ms / 1000)
+        self.probe = KafkaProbe(settings)
         self.topic = settings.topic(Topics.TELEMETRY_RAW)
         self.ts_window = TimeWindow(
             max_future=timedelta(seconds=settings.max_future_skew_s),
@@ -194,6 +197,24 @@ class Gateway:
             self.inflight -= n
 
 
+@get("/readyz", opt={"public": True}, tags=["operations"])
+async def readyz(state: State) -> Response[dict[str, Any]]:
+    """200 when the broker and PostgreSQL (device keys) answer and this worker's producer is
+    alive; 503 naming what is not."""
+    gw: Gateway = state.gateway
+
+    async def kafka() -> None:
+        if gw.producer.broken:
+            raise KafkaError("this worker's producer has failed and is not replaced yet")
+        await gw.probe()
+
+    async def postgres() -> None:
+        async with gw.keys.pool.connection(timeout=READY_CHECK_TIMEOUT_S) as conn:
+            await conn.execute("SELECT 1")
+
+    return await readiness({"kafka": kafka, "postgres": postgres})
+
+
 _Body = TypeVar("_Body", Reading, ReadingBatch)
 
 
@@ -242,6 +263,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await gw.producer.stop()  # flushes what is buffered
+            await gw.probe.close()
             await pool.close()
 
     def too_large(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -255,6 +277,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             next_command,
             command_result,
             healthz,
+            readyz,
             MetricsController,
         ],
         lifespan=[lifespan],

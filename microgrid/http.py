@@ -3,7 +3,9 @@ problem+json), health, Prometheus metrics, OpenAPI docs and CORS."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -62,6 +64,31 @@ def _invalid_request(request: Request[Any, Any, Any], exc: ValidationException) 
     title = "Invalid request body" if in_body else "Invalid request"
     detail = errors[0]["message"] if errors else exc.detail
     return problem(status, title, str(detail), errors=errors).to_response(request)
+
+
+READY_CHECK_TIMEOUT_S = 2.0
+
+
+async def readiness(checks: dict[str, Callable[[], Awaitable[None]]]) -> Response[dict[str, Any]]:
+    """200 with each check "ok"; 503 problem naming the checks that failed or took over 2 s."""
+    results = await asyncio.gather(
+        *(asyncio.wait_for(check(), READY_CHECK_TIMEOUT_S) for check in checks.values()),
+        return_exceptions=True,
+    )
+    status = {
+        name: "ok" if not isinstance(r, BaseException) else f"unreachable: {r!r}"[:200]
+        for name, r in zip(checks, results, strict=True)
+    }
+    failed = [name for name, v in status.items() if v != "ok"]
+    if failed:
+        raise problem(
+            503,
+            "Not ready",
+            f"unreachable: {', '.join(failed)}",
+            checks=status,
+            headers={"Retry-After": "5"},
+        )
+    return Response({"status": "ready", "checks": status})
 
 
 def problem_details_plugin() -> ProblemDetailsPlugin:

@@ -33,6 +33,10 @@ def test_gateway_answers_503_while_broker_is_down_and_recovers(
         assert r.headers["retry-after"].isdigit()
         assert r.headers["content-type"].startswith("application/problem+json")
         assert elapsed < 2.5
+        ready = httpx.get(f"{platform.gateway_url}/readyz", timeout=10)
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["checks"]["kafka"] != "ok"
+        assert ready.json()["checks"]["postgres"] == "ok"
     finally:
         kafka.up()
     device = new_device()
@@ -42,4 +46,9 @@ def test_gateway_answers_503_while_broker_is_down_and_recovers(
         return resp.status_code == 202
 
     wait_for(accepted, 90, what="gateway to accept again")
+    wait_for(
+        lambda: httpx.get(f"{platform.gateway_url}/readyz", timeout=10).status_code == 200,
+        30,
+        what="gateway ready again",
+    )
     wait_for(lambda: stored_count(db, [device])[0] >= 1, 60, what="reading after recovery")

@@ -217,3 +217,9 @@ def test_gateway_metrics_count_ingest_requests_by_status(
     after = counts()
     assert after["202"] - before.get("202", 0) == 3
     assert after["401"] - before.get("401", 0) == 1
+
+
+def test_gateway_is_ready_when_broker_and_database_answer(platform: Components) -> None:
+    r = httpx.get(f"{platform.gateway_url}/readyz", timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ready", "checks": {"kafka": "ok", "postgres": "ok"}}
