@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -51,10 +52,27 @@ def _in_worker(component: str) -> Settings:
     return s
 
 
+def _forget_dead_workers() -> None:
+    """A worker that uvicorn starts in place of one that died drops the dead one's live gauges
+    (its requests in progress), which prometheus_client would otherwise keep adding up."""
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not metrics_dir:
+        return
+    import psutil
+    from prometheus_client import multiprocess
+
+    for path in Path(metrics_dir).glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            multiprocess.mark_process_dead(int(pid), metrics_dir)
+
+
 def gateway_app() -> Any:
     from ingest_gateway.app import serve_app
 
-    return serve_app(_in_worker("gateway"))
+    s = _in_worker("gateway")
+    _forget_dead_workers()
+    return serve_app(s)
 
 
 def api_app() -> Any:

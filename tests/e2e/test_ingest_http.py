@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import psutil
 import psycopg
 import pytest
 
@@ -223,3 +227,48 @@ def test_gateway_is_ready_when_broker_and_database_answer(platform: Components) 
     r = httpx.get(f"{platform.gateway_url}/readyz", timeout=10)
     assert r.status_code == 200, r.text
     assert r.json() == {"status": "ready", "checks": {"kafka": "ok", "postgres": "ok"}}
+
+
+def test_requests_in_progress_of_a_killed_worker_do_not_stay_counted(platform: Components) -> None:
+    port = free_port()
+    platform.start("gateway", alias="crash-gateway", GATEWAY_PORT=str(port))
+    url = f"http://127.0.0.1:{port}"
+
+    def in_progress() -> float:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("microgrid_requests_in_progress{")
+            and 'path="/api/v1/telemetry"' in line
+        )
+
+    def workers() -> set[int]:
+        found = set()
+        for child in psutil.Process(platform.procs["crash-gateway"].pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and any(
+                    "spawn_main" in part for part in child.cmdline()
+                ):
+                    found.add(child.pid)
+            except psutil.Error:  # gone meanwhile
+                continue
+        return found
+
+    try:
+        before = workers()
+        assert len(before) == 2
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            # a request whose body never finishes: in progress until its worker dies
+            sock.sendall(
+                b"POST /api/v1/telemetry HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n"
+                b'Content-Type: application/json\r\n\r\n{"device_id"'
+            )
+            wait_for(lambda: in_progress() == 1, 10, what="one request in progress")
+            for pid in before:
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: len(workers() - before) == 2, 30, what="two new workers")
+            wait_for(lambda: platform.healthy(url), 30, what="the gateway serving again")
+        assert in_progress() == 0
+    finally:
+        platform.stop("crash-gateway")
