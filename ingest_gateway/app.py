@@ -25,11 +25,11 @@ from ingest_gateway.commands import command_result, next_command
 from ingest_gateway.fastpath import IngestFront, RouteMetrics, body_too_large
 from ingest_gateway.keys import KeyStore, KeyStoreUnavailable
 from microgrid.http import (
-    READY_CHECK_TIMEOUT_S,
     MetricsController,
     exception_handlers,
     healthz,
     openapi_config,
+    postgres_check,
     problem,
     problem_details_plugin,
     prometheus_config,
@@ -208,11 +208,7 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
             raise KafkaError("this worker's producer has failed and is not replaced yet")
         await gw.probe()
 
-    async def postgres() -> None:
-        async with gw.keys.pool.connection(timeout=READY_CHECK_TIMEOUT_S) as conn:
-            await conn.execute("SELECT 1")
-
-    return await readiness({"kafka": kafka, "postgres": postgres})
+    return await readiness({"kafka": kafka, "postgres": postgres_check(gw.keys.pool)})
 
 
 _Body = TypeVar("_Body", Reading, ReadingBatch)

@@ -20,6 +20,7 @@ from litestar.plugins.problem_details import (
     ProblemDetailsPlugin,
 )
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger("microgrid.http")
 
@@ -67,6 +68,14 @@ def _invalid_request(request: Request[Any, Any, Any], exc: ValidationException) 
 
 
 READY_CHECK_TIMEOUT_S = 2.0
+
+
+def postgres_check(pool: AsyncConnectionPool) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        async with pool.connection(timeout=READY_CHECK_TIMEOUT_S) as conn:
+            await conn.execute("SELECT 1")
+
+    return check
 
 
 async def readiness(checks: dict[str, Callable[[], Awaitable[None]]]) -> Response[dict[str, Any]]:

@@ -91,12 +91,17 @@ def _refused_cases(site: str, device: str) -> list[tuple[str, str, dict, int, st
     ]
 
 
+def _key_for(case: str, device_key: str) -> str | None:
+    """The key a refused case sends: none, a forged one, or the site's real key."""
+    return None if case == "no key" else "mgk_forged" if case == "bad key" else device_key
+
+
 def test_bad_input_is_refused_with_problem_details_and_nothing_is_stored(
     platform: Components, db: psycopg.Connection, site: str, device_key: str
 ) -> None:
     device = new_device()
     for name, path, kw, status, needle in _refused_cases(site, device):
-        key = None if name == "no key" else "mgk_forged" if name == "bad key" else device_key
+        key = _key_for(name, device_key)
         r = post(platform, path, key, **kw)
         assert r.status_code == status, (name, r.text)
         if status != 413:
@@ -167,7 +172,7 @@ def test_fast_path_and_litestar_handlers_answer_alike(
     # takes the same request through Litestar's own handlers instead.
     device = new_device()
     for name, path, kw, status, _ in _refused_cases(site, device):
-        key = None if name == "no key" else "mgk_forged" if name == "bad key" else device_key
+        key = _key_for(name, device_key)
         fast, slow = post(platform, path, key, **kw), post(platform, path + "/", key, **kw)
         assert fast.status_code == slow.status_code == status, name
         assert fast.json() == slow.json(), name
