@@ -36,10 +36,6 @@ _PROBLEM = [(b"content-type", b"application/problem+json")]
 _ACCEPTED_ONE = b'{"accepted":1}'
 
 
-class _TooLarge(Exception):
-    pass
-
-
 def body_too_large(max_body_bytes: int) -> ProblemDetailsException:
     return problem(413, "Request body too large", f"at most {max_body_bytes} bytes per request")
 
@@ -123,13 +119,11 @@ class IngestFront:
         gw: Gateway = self.app.state.gateway
         try:
             if length is not None and length.isdigit() and int(length) > self.max_body:
-                raise _TooLarge
+                raise body_too_large(self.max_body)
             body = await self._body(receive)
             if body is None:  # the client went away before sending it all
                 return 499
             accepted = await gw.ingest(authorization or "", body, batch=batch)
-        except _TooLarge:
-            return await _send_problem(send, body_too_large(self.max_body))
         except ProblemDetailsException as exc:
             return await _send_problem(send, exc)
         except Exception:
@@ -140,27 +134,20 @@ class IngestFront:
         return 202
 
     async def _body(self, receive: Receive) -> bytes | None:
-        message: Any = await receive()
-        if message["type"] != "http.request":
-            return None
-        body: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            if len(body) > self.max_body:
-                raise _TooLarge
-            return body
-        chunks = [body]
-        size = len(body)
+        """The whole body, or None if the client left first; a problem past the size limit."""
+        chunks: list[bytes] = []
+        size = 0
         while True:
-            message = await receive()
+            message: Any = await receive()
             if message["type"] != "http.request":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise _TooLarge
+                raise body_too_large(self.max_body)
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return b"".join(chunks)  # one chunk is returned as it is, not copied
 
 
 async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
