@@ -261,6 +261,7 @@ def test_requests_in_progress_of_a_killed_worker_do_not_stay_counted(platform: C
         return found
 
     try:
+        wait_for(lambda: len(workers()) == 2, 30, what="two gateway workers")
         before = workers()
         assert len(before) == 2
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
