@@ -1,12 +1,20 @@
-# Contract targets: setup, dev, test, check (see README). Each is idempotent.
+# Contract targets: setup, dev, test, check, lock (see README). Each is idempotent.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# uv, the installer that reads uv.lock, lives apart from the project's environment
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
 STACK_DIR ?= .stack
 KAFKA_LIBS := $(STACK_DIR)/kafka/libs
+KAFKA_JARS_LOCK := deploy/kafka/jars.sha256
+MVN := mvn -q -B -Dstyle.color=never -f deploy/kafka/pom.xml
+# the lock is for the machine's Python; never let uv fetch an interpreter of its own
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
 
-.PHONY: setup dev test check system-packages stack-up stack-down clean
+.PHONY: setup dev test test-lowest check lock system-packages stack-up stack-down clean
 
 setup: system-packages $(VENV)/.installed $(KAFKA_LIBS)/.resolved
 
@@ -31,18 +39,38 @@ system-packages:
 		else echo "PostgreSQL server binaries not found: install them (sudo apt-get install postgresql)"; exit 1; fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+$(UV): deploy/uv-requirements.txt
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q --disable-pip-version-check --no-deps --require-hashes \
+		-r deploy/uv-requirements.txt
 	@touch $@
 
-$(KAFKA_LIBS)/.resolved: deploy/kafka/pom.xml
+# Exactly the locked set, hashes checked; fails when pyproject.toml changed without `make lock`.
+$(VENV)/.installed: pyproject.toml uv.lock $(UV)
+	$(UV) sync --locked --extra dev
+	@touch $@
+
+$(KAFKA_LIBS)/.resolved: deploy/kafka/pom.xml $(KAFKA_JARS_LOCK)
 	@mkdir -p $(KAFKA_LIBS)
 	rm -f $(KAFKA_LIBS)/*.jar
-	mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies \
-		-DincludeScope=runtime -DoutputDirectory=$(abspath $(KAFKA_LIBS))
+	$(MVN) dependency:copy-dependencies -DincludeScope=runtime \
+		-DoutputDirectory=$(abspath $(KAFKA_LIBS))
+	@cd $(KAFKA_LIBS) && diff <(ls *.jar) <(awk '{print $$2}' $(abspath $(KAFKA_JARS_LOCK)) | sort) \
+		&& sha256sum --quiet -c $(abspath $(KAFKA_JARS_LOCK)) \
+		|| { echo "Kafka jars differ from $(KAFKA_JARS_LOCK) (run make lock after changing the POM)"; exit 1; }
 	@touch $@
+
+# Re-resolve after editing pyproject.toml or the POM; pins stay unless named:
+# `make lock UPGRADE=faststream` (one package) or `make lock UPGRADE=all`.
+lock: $(UV)
+	$(UV) lock $(if $(filter all,$(UPGRADE)),--upgrade,$(addprefix --upgrade-package ,$(UPGRADE)))
+	$(UV) pip compile -q --generate-hashes --no-header --python-version 3.11 \
+		deploy/uv-requirements.in -o deploy/uv-requirements.txt
+	@rm -rf $(STACK_DIR)/kafka/relock && mkdir -p $(STACK_DIR)/kafka/relock
+	$(MVN) dependency:copy-dependencies -DincludeScope=runtime \
+		-DoutputDirectory=$(abspath $(STACK_DIR)/kafka/relock)
+	cd $(STACK_DIR)/kafka/relock && sha256sum *.jar > $(abspath $(KAFKA_JARS_LOCK))
+	@rm -rf $(STACK_DIR)/kafka/relock
 
 dev: setup
 	$(BIN)/microgrid stack up
@@ -53,11 +81,25 @@ test: setup
 	$(BIN)/microgrid stack up
 	$(BIN)/pytest -q -p no:cacheprovider
 
+# The suite on the lowest versions pyproject.toml allows for each direct dependency (resolved
+# from the index today, so not locked): shows the lower bounds are true. The committed documents
+# are compared only under the lock (older Litestar renders them differently).
+LOWEST := .venv-lowest
+test-lowest: setup
+	$(UV) pip compile -q --resolution lowest-direct --extra dev --no-header pyproject.toml \
+		-o $(LOWEST).txt
+	$(UV) venv -q --allow-existing $(LOWEST)
+	$(UV) pip sync -q --python $(LOWEST)/bin/python $(LOWEST).txt
+	$(UV) pip install -q --python $(LOWEST)/bin/python --no-deps -e .
+	$(BIN)/microgrid stack up
+	$(LOWEST)/bin/pytest -q -p no:cacheprovider --deselect tests/integration/test_contracts.py
+
 check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy contracts ingest_gateway stream_processors projections query_api microgrid ui benchmarks tests
 	$(BIN)/microgrid contracts check
+	$(UV) lock --check
 
 stack-up: setup
 	$(BIN)/microgrid stack up
@@ -67,4 +109,4 @@ stack-down:
 
 clean:
 	@test ! -x $(BIN)/microgrid || $(BIN)/microgrid stack down --purge
-	rm -rf $(STACK_DIR) $(VENV)
+	rm -rf $(STACK_DIR) $(VENV) $(TOOLS) $(LOWEST) $(LOWEST).txt

@@ -8,6 +8,7 @@ when the committed files differ from what the code generates now.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -119,8 +120,26 @@ DOCUMENTS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
+def clean_descriptions(node: Any) -> Any:
+    """Every `description` text as `inspect.cleandoc` leaves it.
+
+    Libraries render docstrings differently (msgspec 0.23 dedents them, earlier releases kept
+    the indentation), and the documents must depend on the code alone.
+    """
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else clean_descriptions(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [clean_descriptions(item) for item in node]
+    return node
+
+
 def render(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return json.dumps(clean_descriptions(doc), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def generate(root: Path = CONTRACTS_DIR) -> list[Path]:

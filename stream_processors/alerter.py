@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from faststream import AckPolicy, FastStream
+from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, ReadingBatch, Topics
@@ -32,7 +32,7 @@ from stream_processors.alerting import (
     evaluate_silence,
     silence_settled,
 )
-from stream_processors.partitions import StateListener, raw_records
+from stream_processors.partitions import REDELIVERED_BATCHES, StateListener
 
 log = logging.getLogger("microgrid.alerter")
 
@@ -243,14 +243,12 @@ def create_app(s: Settings) -> FastStream:
     @broker.subscriber(
         alerter.valid_topic,
         group_id=alerter.group,
-        batch=True,
+        **REDELIVERED_BATCHES,
         max_records=s.alerter_max_records,
         batch_timeout_ms=50,
         fetch_min_bytes=s.consumer_fetch_min_bytes,
         fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
         auto_offset_reset="latest",  # a new group judges the present, not a week of history
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=raw_records,
         listener=StateListener(alerter),
     )
     async def evaluate_alert_rules(body: Any, msg: KafkaMessage) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from faststream import AckPolicy, FastStream
+from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Topics
@@ -28,7 +28,7 @@ from microgrid.kafka import RenewableProducer, read_table
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
 from stream_processors.lifecycle import CommandState, Step, on_requested, on_result, on_tick
-from stream_processors.partitions import StateListener, raw_records
+from stream_processors.partitions import REDELIVERED_BATCHES, StateListener
 
 log = logging.getLogger("microgrid.controller")
 
@@ -194,12 +194,10 @@ def create_app(s: Settings) -> FastStream:
         controller.commands_topic,
         controller.results_topic,
         group_id=controller.group,
-        batch=True,
+        **REDELIVERED_BATCHES,
         max_records=500,
         batch_timeout_ms=20,
         auto_offset_reset="earliest",
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=raw_records,
         listener=StateListener(controller),
     )
     async def run_command_lifecycles(body: Any, msg: KafkaMessage) -> None:

@@ -15,14 +15,14 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
-from faststream import AckPolicy, FastStream
+from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Headers, TimeWindow, Topics
 from microgrid.kafka import RenewableProducer
 from microgrid.metrics import RECORDS, report_lag, serve_metrics
 from microgrid.settings import Settings
-from stream_processors.partitions import raw_records
+from stream_processors.partitions import REDELIVERED_BATCHES
 from stream_processors.validation import Valid, validate_record
 
 log = logging.getLogger("microgrid.validator")
@@ -109,14 +109,12 @@ def create_app(s: Settings) -> FastStream:
     @broker.subscriber(
         s.topic(Topics.TELEMETRY_RAW),
         group_id=router.group,
-        batch=True,
+        **REDELIVERED_BATCHES,
         max_records=s.validator_max_records,
         batch_timeout_ms=50,
         fetch_min_bytes=s.consumer_fetch_min_bytes,
         fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
         auto_offset_reset="earliest",
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=raw_records,
     )
     async def validate_raw_records(body: Any, msg: KafkaMessage) -> None:
         """Readings as sent by devices: one reading, or a batch of one device's readings."""
