@@ -97,7 +97,8 @@ test-lowest: setup
 check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy contracts ingest_gateway stream_processors projections query_api microgrid ui benchmarks tests
+	$(BIN)/mypy contracts runtime ingest_gateway stream_processors projections query_api microgrid simulator ui benchmarks tests
+	$(BIN)/lint-imports
 	$(BIN)/microgrid contracts check
 	$(UV) lock --check
 

@@ -12,7 +12,6 @@ import contextlib
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,37 +23,12 @@ from benchmarks.cpu import CpuMeter
 from benchmarks.http_client import HttpClient
 from benchmarks.limit import kafka_roundtrip_per_min
 from benchmarks.planted import AlertProbe
+from benchmarks.profiles import Options, Profile, Tally
 from benchmarks.report import Report, percentiles, write_chart
 from contracts import Topics
-from ingest_gateway.keys import create_key
-from microgrid.kafka import reliable_producer
-from microgrid.settings import Settings
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    mode: str  # "single" | "batch"
-    per_min: float  # readings per minute
-    batch: int = 1
-    devices_per_batch: int = 10
-
-
-PROFILES = {
-    "baseline": Profile("baseline", "single", 10_000),
-    "stress": Profile("stress", "batch", 100_000, batch=100),
-    "max": Profile("max", "batch", 250_000, batch=100),
-}
-
-
-@dataclass
-class Tally:
-    attempted: int = 0
-    accepted: int = 0
-    errors: dict[str, int] = field(default_factory=lambda: {"4xx": 0, "5xx": 0, "network": 0})
-    latencies: list[float] = field(default_factory=list)
-    accepted_at: dict[tuple[str, int], float] = field(default_factory=dict)  # wall clock
-    timeline: list[tuple[float, int, float]] = field(default_factory=list)  # (t, n, latency)
+from runtime.kafka import reliable_producer
+from runtime.keys import create_key
+from runtime.settings import Settings
 
 
 class Load:
@@ -235,17 +209,6 @@ async def wait_persisted(
         rows = await asyncio.to_thread(persisted, s, run, since)
     echo("")
     return rows
-
-
-@dataclass
-class Options:
-    profile: Profile
-    duration: float
-    transport: str = "http"
-    min_success_rate: float = 0.99
-    max_p95_latency_ms: float = 1500.0
-    drain_s: float = 120.0
-    measure_limit: bool = True
 
 
 async def run_once(s: Settings, o: Options, echo: Any, per_min: float | None = None) -> Report:

@@ -21,8 +21,8 @@ import msgspec
 import psycopg
 import typer
 
-from ingest_gateway.keys import create_key
-from microgrid.settings import Settings, get_settings
+from runtime.keys import create_key
+from runtime.settings import Settings, get_settings
 
 SITE = "site-probe"
 

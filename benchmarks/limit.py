@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 import msgspec
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from microgrid.kafka import reliable_producer
-from microgrid.settings import Settings
-
-if TYPE_CHECKING:
-    from benchmarks.harness import Profile
+from benchmarks.profiles import Profile
+from runtime.kafka import reliable_producer
+from runtime.settings import Settings
 
 
 async def _leaders_elected(admin: AIOKafkaAdminClient, topic: str, timeout_s: float = 10.0) -> None:

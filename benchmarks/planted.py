@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import httpx
 
-from microgrid.settings import Settings
+from runtime.settings import Settings
 
 THRESHOLD_C = 150.0
 

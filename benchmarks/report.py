@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from benchmarks.harness import Options, Profile, Tally
+from benchmarks.profiles import Options, Profile, Tally
 
 
 def percentiles(values_s: list[float]) -> dict[str, float]:

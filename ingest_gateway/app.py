@@ -1,272 +1,77 @@
-"""Litestar app: `POST /api/v1/telemetry` and `POST /api/v1/telemetry/batch`.
+"""The gateway's Litestar app: every route, the lifespan and the OpenAPI contract.
 
-202 is answered only once the broker acknowledged every record of the request (acks=all,
-idempotent producer). Overload and broker trouble are answered with 503 and `Retry-After`.
+The core (`ingest_gateway.gateway.Gateway`) is made here once per process and given to the
+handlers through dependency injection; the ingest routes are served by the fast path in front
+(`serve_app`), which calls the same core.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-import msgspec
-from aiokafka.errors import KafkaError
 from litestar import Litestar, Request, Response, get, post
-from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
-from psycopg_pool import AsyncConnectionPool
 
-from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
-from ingest_gateway.commands import command_result, next_command
+from ingest_gateway.commands import DeviceCommands, command_result, next_command
 from ingest_gateway.fastpath import IngestFront, RouteMetrics, body_too_large
-from ingest_gateway.keys import KeyStore, KeyStoreUnavailable
-from microgrid.http import (
+from ingest_gateway.gateway import Accepted, Gateway
+from runtime.http import (
     MetricsController,
     exception_handlers,
     healthz,
     openapi_config,
-    postgres_check,
-    problem,
     problem_details_plugin,
     prometheus_config,
     readiness,
 )
-from microgrid.kafka import KafkaProbe, RenewableProducer
-from microgrid.settings import Settings, get_settings
-
-log = logging.getLogger("microgrid.gateway")
+from runtime.settings import Settings, get_settings
 
 APP_NAME = "ingest_gateway"
 
 
-class Accepted(msgspec.Struct):
-    accepted: int
-
-
-class SendWindow:
-    """Lets concurrent requests hand their records to the producer together.
-
-    aiokafka lingers per partition batch and sends only the batches whose own linger is over,
-    so single readings spread over many partitions went out nearly one produce request each
-    (about 800 a second per gateway worker at 100,000 requests/min, each a write on both
-    ends). A request instead waits for the window that is open, at most `linger_s`; when it
-    closes, every waiting request sends to a producer that does not linger, and the producer
-    drains them in one produce request.
-    """
-
-    def __init__(self, linger_s: float) -> None:
-        self.linger_s = linger_s
-        self._open: asyncio.Event | None = None
-
-    async def wait(self) -> None:
-        if self.linger_s <= 0:
-            return
-        window = self._open
-        if window is None:
-            window = self._open = asyncio.Event()
-            asyncio.get_running_loop().call_later(self.linger_s, self._close, window)
-        await window.wait()
-
-    def _close(self, window: asyncio.Event) -> None:
-        self._open = None
-        window.set()
-
-
-class Gateway:
-    """Per-process state: the producer, the key store and the in-flight bound."""
-
-    def __init__(self, settings: Settings, keys: KeyStore) -> None:
-        self.s = settings
-        self.keys = keys
-        self.producer = RenewableProducer(settings, "microgrid-gateway", linger_ms=0)
-        self.window = SendWindow(settings.producer_linger_ms / 1000)
-        self.probe = KafkaProbe(settings)
-        self.topic = settings.topic(Topics.TELEMETRY_RAW)
-        self.ts_window = TimeWindow(
-            max_future=timedelta(seconds=settings.max_future_skew_s),
-            max_age=timedelta(seconds=settings.max_reading_age_s),
-        )
-        self.inflight = 0
-        self.retry_after = "1"
-
-    async def ingest(self, authorization: str, body: bytes, *, batch: bool) -> int:
-        """Everything a POST to an ingest route does after the body is read: the device key,
-        the readings, their time window and site, and the broker's acknowledgement. Returns how
-        many readings were accepted; raises a problem (`microgrid.http.problem`) otherwise."""
-        site = await self.authenticate(authorization)
-        if batch:
-            readings = _decode(body, ReadingBatch).readings
-            if len(readings) > self.s.ingest_max_batch:
-                at_most = self.s.ingest_max_batch
-                raise problem(
-                    422,
-                    "Batch too large",
-                    f"{len(readings)} readings; at most {at_most} per request",
-                    errors=[{"field": "readings", "message": f"at most {at_most} items"}],
-                )
-        else:
-            readings = [_decode(body, Reading)]
-        self.check(readings, site)
-        await self.publish(readings)
-        return len(readings)
-
-    async def authenticate(self, authorization: str) -> str:
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise problem(
-                401,
-                "Missing device key",
-                "send `Authorization: Bearer <device key>`",
-                headers={"WWW-Authenticate": 'Bearer realm="ingest"'},
-            )
-        try:
-            site = await self.keys.site_for(key.strip())
-        except KeyStoreUnavailable as exc:
-            raise problem(
-                503,
-                "Key store unavailable",
-                "device keys cannot be checked right now",
-                headers={"Retry-After": self.retry_after},
-            ) from exc
-        if site is None:
-            raise problem(
-                401,
-                "Invalid device key",
-                "the key is unknown or revoked",
-                headers={"WWW-Authenticate": 'Bearer realm="ingest", error="invalid_token"'},
-            )
-        return site
-
-    def check(self, readings: list[Reading], site: str) -> None:
-        now = datetime.now(UTC)
-        errors = []
-        for i, r in enumerate(readings):
-            reason = check_time_window(r, now, self.ts_window)
-            if reason:
-                errors.append({"field": f"readings[{i}].ts", "message": reason})
-        if errors:
-            raise problem(422, "Invalid readings", errors[0]["message"], errors=errors)
-        foreign = sorted({r.site_id for r in readings if r.site_id != site})
-        if foreign:
-            raise problem(
-                403,
-                "Site not allowed for this key",
-                f"this key belongs to site {site!r}; refused readings for {', '.join(foreign)}",
-            )
-
-    async def publish(self, readings: list[Reading]) -> None:
-        n = len(readings)
-        if self.inflight + n > self.s.ingest_max_inflight_readings:
-            raise problem(
-                503,
-                "Gateway overloaded",
-                "too many readings awaiting broker acknowledgement; retry later",
-                headers={"Retry-After": self.retry_after},
-            )
-        self.inflight += n
-        try:
-            by_device: dict[str, list[Reading]] = {}
-            for r in readings:
-                by_device.setdefault(r.device_id, []).append(r)
-            async with asyncio.timeout(self.s.ingest_ack_timeout_ms / 1000):
-                await self.window.wait()
-                producer = self.producer.producer
-                assert producer is not None, "the app's lifespan starts the producer"
-                futures = []
-                for device_id, group in by_device.items():
-                    value = msgspec.json.encode(
-                        group[0] if len(group) == 1 else ReadingBatch(readings=group)
-                    )
-                    futures.append(await producer.send(self.topic, value, key=device_id.encode()))
-                await asyncio.gather(*futures)
-        except (TimeoutError, KafkaError) as exc:
-            log.warning("broker did not acknowledge %d readings: %r", n, exc)
-            await self.producer.renew_if_broken()
-            raise problem(
-                503,
-                "Telemetry log unavailable",
-                "the broker did not acknowledge every reading in time; some may still be "
-                "stored: retry the request",
-                headers={"Retry-After": self.retry_after},
-            ) from exc
-        finally:
-            self.inflight -= n
-
-
 @get("/readyz", opt={"public": True}, tags=["operations"])
-async def readyz(state: State) -> Response[dict[str, Any]]:
+async def readyz(gateway: Gateway) -> Response[dict[str, Any]]:
     """200 when the broker and PostgreSQL (device keys) answer and this worker's producer is
     alive; 503 naming what is not."""
-    gw: Gateway = state.gateway
-
-    async def kafka() -> None:
-        if gw.producer.broken:
-            raise KafkaError("this worker's producer has failed and is not replaced yet")
-        await gw.probe()
-
-    return await readiness({"kafka": kafka, "postgres": postgres_check(gw.keys.pool)})
-
-
-_Body = TypeVar("_Body", Reading, ReadingBatch)
-
-
-def _decode(body: bytes, kind: type[_Body]) -> _Body:
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        field = message.rpartition(" - at `$")[2].rstrip("`").lstrip(".") or None
-        raise problem(
-            422, "Invalid reading", message, errors=[{"field": field, "message": message}]
-        ) from exc
-    except msgspec.DecodeError as exc:
-        raise problem(400, "Malformed JSON", str(exc)) from exc
+    return await readiness(gateway.readiness_checks())
 
 
 # These two handlers define the routes' contract (OpenAPI) and serve any request that the
 # fast path in front of the app (ingest_gateway.fastpath) passes on to Litestar.
 @post("/api/v1/telemetry", status_code=202, tags=["telemetry"])
-async def ingest_reading(request: Request[object, object, State], state: State) -> Accepted:
-    gw: Gateway = state.gateway
+async def ingest_reading(request: Request[Any, Any, Any], gateway: Gateway) -> Accepted:
     auth, body = request.headers.get("authorization", ""), await request.body()
-    return Accepted(accepted=await gw.ingest(auth, body, batch=False))
+    return Accepted(accepted=await gateway.ingest(auth, body, batch=False))
 
 
 @post("/api/v1/telemetry/batch", status_code=202, tags=["telemetry"])
-async def ingest_batch(request: Request[object, object, State], state: State) -> Accepted:
-    gw: Gateway = state.gateway
+async def ingest_batch(request: Request[Any, Any, Any], gateway: Gateway) -> Accepted:
     auth, body = request.headers.get("authorization", ""), await request.body()
-    return Accepted(accepted=await gw.ingest(auth, body, batch=True))
+    return Accepted(accepted=await gateway.ingest(auth, body, batch=True))
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def create_app(settings: Settings | None = None, gateway: Gateway | None = None) -> Litestar:
     """The Litestar app alone: every route, the lifespan, the OpenAPI contract."""
     s = settings or get_settings()
+    gw = gateway or Gateway(s)
+    commands = DeviceCommands(gw)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=4, open=False)
-        await pool.open()
-        gw = Gateway(s, KeyStore(pool, s.ingest_key_cache_s))
-        await gw.producer.start()
-        app.state.gateway = gw
-        log.info("gateway ready, producing to %s", gw.topic)
+        await gw.start()
         try:
             yield
         finally:
-            await gw.producer.stop()  # flushes what is buffered
-            await gw.probe.close()
-            await pool.close()
+            await gw.stop()
 
     def too_large(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         return body_too_large(s.ingest_max_body_bytes).to_response(request)
 
     return Litestar(
-        logging_config=None,  # the process's logging (microgrid.logs), not Litestar's own
+        logging_config=None,  # the process's logging (runtime.logs), not Litestar's own
         route_handlers=[
             ingest_reading,
             ingest_batch,
@@ -276,6 +81,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             readyz,
             MetricsController,
         ],
+        dependencies={
+            "gateway": Provide(lambda: gw, use_cache=True, sync_to_thread=False),
+            "commands": Provide(lambda: commands, use_cache=True, sync_to_thread=False),
+        },
         lifespan=[lifespan],
         middleware=[prometheus_config(APP_NAME).middleware],
         plugins=[problem_details_plugin()],
@@ -295,8 +104,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
 def serve_app(settings: Settings | None = None) -> IngestFront:
     """What the gateway serves: the ingest routes' fast path in front of the Litestar app."""
     s = settings or get_settings()
+    gw = Gateway(s)
     return IngestFront(
-        create_app(s),
+        create_app(s, gw),
+        gw,
         max_body_bytes=s.ingest_max_body_bytes,
         metrics=RouteMetrics(prometheus_config(APP_NAME)),
     )

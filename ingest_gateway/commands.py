@@ -8,30 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 from aiokafka.errors import KafkaError
 from litestar import Request, Response, get, post
-from litestar.datastructures import State
 from litestar.params import Parameter
 
 from contracts import Topics
 from contracts.control import CommandDispatch, CommandResult
-from microgrid.http import problem
-
-if TYPE_CHECKING:
-    from ingest_gateway.app import Gateway
-
-
-def _gateway(state: State) -> Gateway:
-    gw: Gateway = state.gateway
-    return gw
-
-
-async def _site_of_key(state: State, request: Request[Any, Any, State]) -> str:
-    return await _gateway(state).authenticate(request.headers.get("authorization", ""))
-
+from ingest_gateway.gateway import Gateway
+from runtime.http import problem
 
 POLL_INTERVAL_S = 0.25
 MAX_WAIT_S = 30
@@ -52,33 +39,74 @@ WHERE c.id = %s
 """
 
 
-async def _site_of_device(state: State, device_id: str) -> str | None:
-    async with state.gateway.keys.pool.connection() as conn:
-        cur = await conn.execute(DEVICE_SITE_SQL, (device_id,))
-        row = await cur.fetchone()
-    return row[0] if row else None
+class DeviceCommands:
+    """Commands as devices see them: which site a device or a command belongs to, the next
+    command to hand out, and results sent on to the controller."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.results_topic = gateway.s.topic(Topics.CONTROL_RESULTS)
+        self.ack_timeout_s = gateway.s.ingest_ack_timeout_ms / 1000
+
+    async def site_of_key(self, request: Request[Any, Any, Any]) -> str:
+        return await self.gateway.authenticate(request.headers.get("authorization", ""))
+
+    async def site_of_device(self, device_id: str) -> str | None:
+        async with self.gateway.pool.connection() as conn:
+            cur = await conn.execute(DEVICE_SITE_SQL, (device_id,))
+            row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def owner_of(self, command_id: Any) -> tuple[str, str] | None:
+        """(device id, site id) of a command, None if there is no such command."""
+        async with self.gateway.pool.connection() as conn:
+            cur = await conn.execute(COMMAND_SITE_SQL, (command_id,))
+            row = await cur.fetchone()
+        return (row[0], row[1]) if row else None
+
+    async def take_next(self, device_id: str) -> CommandDispatch | None:
+        async with self.gateway.pool.connection() as conn:
+            cur = await conn.execute(NEXT_SQL, (device_id,))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return CommandDispatch(
+            id=row[0], device_id=row[1], command=row[2], params=row[3], deadline=row[4]
+        )
+
+    async def send_result(self, result: CommandResult) -> None:
+        producer = self.gateway.producer.producer
+        assert producer is not None, "the app's lifespan starts the producer"
+        try:
+            await asyncio.wait_for(
+                producer.send_and_wait(
+                    self.results_topic,
+                    msgspec.json.encode(result),
+                    key=result.device_id.encode(),
+                ),
+                timeout=self.ack_timeout_s,
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise problem(
+                503, "Command log unavailable", "retry the result", headers={"Retry-After": "1"}
+            ) from exc
 
 
 @get("/api/v1/devices/{device_id:str}/commands/next", tags=["control"])
 async def next_command(
-    request: Request[Any, Any, State],
-    state: State,
+    request: Request[Any, Any, Any],
+    commands: DeviceCommands,
     device_id: str,
     wait: Annotated[float, Parameter(ge=0, le=MAX_WAIT_S, description="seconds")] = 0,
 ) -> Response[Any]:
     """The device's next command (200), or 204 when none came within `wait` seconds."""
-    site = await _site_of_key(state, request)
-    if await _site_of_device(state, device_id) != site:
+    site = await commands.site_of_key(request)
+    if await commands.site_of_device(device_id) != site:
         raise problem(403, "Not your device", f"this key may not act for {device_id!r}")
     deadline = time.monotonic() + wait
     while True:
-        async with state.gateway.keys.pool.connection() as conn:
-            cur = await conn.execute(NEXT_SQL, (device_id,))
-            row = await cur.fetchone()
-        if row is not None:
-            command = CommandDispatch(
-                id=row[0], device_id=row[1], command=row[2], params=row[3], deadline=row[4]
-            )
+        command = await commands.take_next(device_id)
+        if command is not None:
             return Response(msgspec.to_builtins(command), status_code=200)
         if time.monotonic() >= deadline:
             return Response(None, status_code=204)
@@ -87,38 +115,25 @@ async def next_command(
 
 @post("/api/v1/control/commands/{command_id:uuid}/result", status_code=202, tags=["control"])
 async def command_result(
-    request: Request[Any, Any, State], state: State, command_id: Any
+    request: Request[Any, Any, Any], commands: DeviceCommands, command_id: Any
 ) -> dict[str, str]:
     """A device's answer to one of its commands: `{"status": "succeeded"|"failed", "reason"}`."""
-    site = await _site_of_key(state, request)
+    site = await commands.site_of_key(request)
     try:
         reply = msgspec.json.decode(await request.body(), type=CommandResult)
     except msgspec.ValidationError as exc:
         raise problem(422, "Invalid result", str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise problem(400, "Malformed JSON", str(exc)) from exc
-    async with state.gateway.keys.pool.connection() as conn:
-        cur = await conn.execute(COMMAND_SITE_SQL, (command_id,))
-        row = await cur.fetchone()
-    if row is None:
+    owner = await commands.owner_of(command_id)
+    if owner is None:
         raise problem(404, "Unknown command", f"no command {command_id}")
-    if row[1] != site:
+    device_id, device_site = owner
+    if device_site != site:
         raise problem(403, "Not your command", "this key may not answer for that device")
-    result = CommandResult(
-        id=str(command_id), device_id=row[0], status=reply.status, reason=reply.reason
-    )
-    producer = state.gateway.producer.producer
-    try:
-        await asyncio.wait_for(
-            producer.send_and_wait(
-                state.gateway.s.topic(Topics.CONTROL_RESULTS),
-                msgspec.json.encode(result),
-                key=row[0].encode(),
-            ),
-            timeout=state.gateway.s.ingest_ack_timeout_ms / 1000,
+    await commands.send_result(
+        CommandResult(
+            id=str(command_id), device_id=device_id, status=reply.status, reason=reply.reason
         )
-    except (KafkaError, TimeoutError) as exc:
-        raise problem(
-            503, "Command log unavailable", "retry the result", headers={"Retry-After": "1"}
-        ) from exc
+    )
     return {"id": str(command_id), "status": "received"}

@@ -20,13 +20,12 @@ import msgspec
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusMiddleware
 
-from microgrid.http import problem
+from ingest_gateway.gateway import Gateway
+from runtime.http import problem
 
 if TYPE_CHECKING:
     from litestar import Litestar
     from litestar.types import Receive, Scope, Send
-
-    from ingest_gateway.app import Gateway
 
 log = logging.getLogger("microgrid.gateway")
 
@@ -91,8 +90,11 @@ async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:
 class IngestFront:
     """ASGI app: the ingest routes served directly, everything else by `app`."""
 
-    def __init__(self, app: Litestar, *, max_body_bytes: int, metrics: RouteMetrics) -> None:
+    def __init__(
+        self, app: Litestar, gateway: Gateway, *, max_body_bytes: int, metrics: RouteMetrics
+    ) -> None:
         self.app = app
+        self.gateway = gateway
         self.max_body = max_body_bytes
         self.metrics = metrics
 
@@ -116,14 +118,13 @@ class IngestFront:
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
                 length = value
-        gw: Gateway = self.app.state.gateway
         try:
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 raise body_too_large(self.max_body)
             body = await self._body(receive)
             if body is None:  # the client went away before sending it all
                 return 499
-            accepted = await gw.ingest(authorization or "", body, batch=batch)
+            accepted = await self.gateway.ingest(authorization or "", body, batch=batch)
         except ProblemDetailsException as exc:
             return await _send_problem(send, exc)
         except Exception:

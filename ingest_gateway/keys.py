@@ -1,34 +1,15 @@
-"""Device ingest keys. A key belongs to one site; only its SHA-256 is stored.
-
-Keys are 256-bit random tokens, so a fast hash is as safe as a slow one and keeps the per-request
-cost flat; verified keys are cached for a short time so a request costs no database round trip.
-"""
+"""The gateway's check of device ingest keys (made by `runtime.keys`): verified keys are cached
+for a short time so a request costs no database round trip."""
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import time
 from collections import OrderedDict
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-KEY_PREFIX = "mgk_"
-
-
-def hash_key(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-def create_key(conn: psycopg.Connection, site_id: str) -> str:
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    conn.execute(
-        "INSERT INTO device_keys (key_prefix, key_hash, site_id) VALUES (%s, %s, %s)",
-        (key[:12], hash_key(key), site_id),
-    )
-    return key
-
+from runtime.keys import hash_key
 
 LOOKUP_TIMEOUT_S = 1.0
 

@@ -1,1 +1,3 @@
-"""Composition package: settings, client factories, local stack, CLI and process supervision."""
+"""The composition root: the `microgrid` CLI, which components exist and how a process runs
+one, the local stack, the supervisor and the generated interface documents. It may import every
+package; none imports it."""

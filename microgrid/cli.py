@@ -13,7 +13,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from microgrid.settings import Settings, get_settings
+from runtime.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="Local Kafka, PostgreSQL and Redis.")
@@ -84,7 +84,7 @@ def migrate() -> None:
     """Apply pending SQL migrations (idempotent)."""
     import psycopg
 
-    from microgrid.db import migrate as apply
+    from runtime.db import migrate as apply
 
     try:
         applied = apply(get_settings())
@@ -110,8 +110,8 @@ def run(
 
 
 def _supervise(names: list[str]) -> None:
-    from microgrid.logs import configure_logging
     from microgrid.supervisor import Supervisor
+    from runtime.logs import configure_logging
 
     s = get_settings()
     configure_logging("supervisor", s.log_level)
@@ -122,7 +122,7 @@ def _supervise(names: list[str]) -> None:
 def _ensure_topics(s: Settings) -> list[str]:
     from aiokafka.errors import KafkaError
 
-    from microgrid.kafka import ensure_topics
+    from runtime.kafka import ensure_topics
 
     try:
         return asyncio.run(ensure_topics(s))
@@ -159,7 +159,7 @@ def keys_create(site: Annotated[str, typer.Option(help="site the key may send fo
     import psycopg
 
     from contracts.readings import Identifier
-    from ingest_gateway.keys import create_key
+    from runtime.keys import create_key
 
     try:
         msgspec.convert(site, Identifier)
@@ -193,7 +193,8 @@ def bench(
     ] = None,
 ) -> None:
     """Load the running platform, wait until PostgreSQL has it all, check the SLO."""
-    from benchmarks.harness import PROFILES, Options, benchmark, save
+    from benchmarks.harness import benchmark, save
+    from benchmarks.profiles import PROFILES, Options
 
     if profile not in PROFILES:
         _fail(f"unknown profile {profile!r}; one of {', '.join(PROFILES)}")
@@ -259,8 +260,8 @@ def simulate(
     duration: Annotated[float | None, typer.Option(help="seconds (default: until Ctrl-C)")] = None,
 ) -> None:
     """Simulate microgrid devices sending readings to the gateway."""
-    from microgrid.logs import configure_logging
-    from microgrid.simulator import run_simulation
+    from runtime.logs import configure_logging
+    from simulator.run import run_simulation
 
     s = get_settings()
     configure_logging("simulator", s.log_level)

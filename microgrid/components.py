@@ -17,8 +17,8 @@ from typing import Any
 
 import uvloop
 
-from microgrid.logs import configure_logging
-from microgrid.settings import Settings, get_settings
+from runtime.logs import configure_logging
+from runtime.settings import Settings, get_settings
 
 
 def _serve_http(target: str, host: str, port: int, workers: int) -> None:
@@ -125,12 +125,12 @@ def controller(s: Settings) -> None:
 
 def projector(s: Settings) -> None:
     """Every projection in one process, each its own consumer group."""
-    from microgrid.events import EventStream
-    from microgrid.metrics import report_lag, serve_metrics
     from projections.alerts import AlertsProjection
     from projections.base import Projection
     from projections.control import ControlProjection
     from projections.telemetry import TelemetryProjection
+    from runtime.events import EventStream
+    from runtime.metrics import report_lag, serve_metrics
 
     async def main() -> None:
         events = EventStream(s)
@@ -157,7 +157,7 @@ def projector(s: Settings) -> None:
 
 
 def simulator(s: Settings) -> None:
-    from microgrid.simulator import run_simulation
+    from simulator.run import run_simulation
 
     async def main() -> None:
         task = asyncio.create_task(

@@ -19,7 +19,7 @@ import msgspec
 from contracts import Reading, ReadingBatch, Topics
 from contracts.alerting import AlertEvent
 from contracts.control import CommandDispatch, CommandRequested, CommandResult, ControlEvent
-from microgrid.settings import PROJECT_ROOT, Settings
+from runtime.settings import PROJECT_ROOT, Settings
 from stream_processors.alerting import DeviceState
 from stream_processors.lifecycle import CommandState
 

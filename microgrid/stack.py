@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from microgrid.settings import Settings
+from runtime.settings import Settings
 
 
 class StackError(RuntimeError):

@@ -15,9 +15,9 @@ from psycopg.rows import dict_row
 
 from contracts import Events, Groups, Topics
 from contracts.alerting import AlertEvent
-from microgrid.events import EventStream
-from microgrid.settings import Settings
 from projections.base import AfterCommit, Projection
+from runtime.events import EventStream
+from runtime.settings import Settings
 
 ALERT_COLUMNS = (
     "id, rule_id::text, device_id, site_id, severity, status, message, value, opened_at,"

@@ -21,9 +21,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from contracts import Headers
-from microgrid.metrics import RECORDS
-from microgrid.settings import Settings
 from projections import positions as store
+from runtime.metrics import RECORDS
+from runtime.settings import Settings
 
 log = logging.getLogger("microgrid.projector")
 

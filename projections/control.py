@@ -17,9 +17,9 @@ from psycopg.types.json import Jsonb
 
 from contracts import Events, Groups, Topics
 from contracts.control import ControlEvent
-from microgrid.events import EventStream
-from microgrid.settings import Settings
 from projections.base import AfterCommit, Projection
+from runtime.events import EventStream
+from runtime.settings import Settings
 
 COLUMNS = (
     "id::text, device_id, command, params, status, reason, ttl_s, deadline, requested_by,"

@@ -14,11 +14,11 @@ import psycopg
 from aiokafka import ConsumerRecord
 
 from contracts import Events, Groups, Reading, ReadingBatch, Topics
-from microgrid.events import EventStream
-from microgrid.metrics import READINGS
-from microgrid.settings import Settings
 from projections import telemetry_store as store
 from projections.base import AfterCommit, Projection
+from runtime.events import EventStream
+from runtime.metrics import READINGS
+from runtime.settings import Settings
 
 
 class TelemetryProjection(Projection[list[Reading]]):

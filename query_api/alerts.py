@@ -6,16 +6,16 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
-from litestar.datastructures import State
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
 from contracts import Events
 from contracts.alerting import SEVERITIES
 from contracts.api import Alert, AlertPage, Notification, NotificationPage
-from microgrid.http import problem
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
+from query_api.services import Services
+from runtime.http import problem
 
 ALERTS_SQL = """
 SELECT id, rule_id::text, device_id, site_id, severity, status, message, value, opened_at,
@@ -67,16 +67,16 @@ RETURNING a.id, a.rule_id::text, a.device_id, a.site_id, a.severity, a.status, a
 
 
 async def _acknowledge(
-    state: State, sql: str, ident: str, user: str, event: str, what: str
+    services: Services, sql: str, ident: str, user: str, event: str, what: str
 ) -> dict[str, Any]:
-    async with state.pool.connection() as conn:
+    async with services.pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(sql, {"id": ident, "user": user})
         row = await cur.fetchone()
     if row is None:
         raise problem(404, f"Unknown {what}", f"no {what} {ident!r}")
     if row.pop("first_ack"):
-        await state.events.append([(event, row)])
+        await services.events.append([(event, row)])
     return row
 
 
@@ -84,8 +84,8 @@ Severity = Annotated[str | None, Parameter(description=", ".join(SEVERITIES))]
 Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
 
 
-async def _rows(state: State, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    async with state.pool.connection() as conn:
+async def _rows(services: Services, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    async with services.pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(sql, params)
         return await cur.fetchall()
@@ -103,7 +103,7 @@ class AlertController(Controller):
     @get()
     async def list_alerts(
         self,
-        state: State,
+        services: Services,
         status: str | None = None,
         severity: Severity = None,
         device_id: str | None = None,
@@ -120,18 +120,18 @@ class AlertController(Controller):
             "limit": limit + 1,
             **_before(cursor),
         }
-        rows = await _rows(state, ALERTS_SQL, params)
+        rows = await _rows(services, ALERTS_SQL, params)
         rows, next_cursor = page_of(rows, limit, lambda r: ts_key(r["opened_at"], r["id"]))
         return AlertPage(items=[Alert(**r) for r in rows], next_cursor=next_cursor)
 
     @post("/{alert_id:str}/ack", guards=[OPERATORS], status_code=200)
     async def ack_alert(
-        self, state: State, request: Request[Any, Any, Any], alert_id: str
+        self, services: Services, request: Request[Any, Any, Any], alert_id: str
     ) -> Alert:
         """Acknowledge an alert: active -> active_acknowledged, cleared_unacknowledged ->
         cleared. Acking twice keeps the first acknowledgement."""
         row = await _acknowledge(
-            state,
+            services,
             ALERT_ACK_SQL,
             alert_id,
             request.user.username,
@@ -148,7 +148,7 @@ class NotificationController(Controller):
     @get()
     async def list_notifications(
         self,
-        state: State,
+        services: Services,
         unread: bool | None = None,
         severity: Severity = None,
         device_id: str | None = None,
@@ -165,17 +165,17 @@ class NotificationController(Controller):
             "limit": limit + 1,
             **_before(cursor),
         }
-        rows = await _rows(state, NOTIFICATIONS_SQL, params)
+        rows = await _rows(services, NOTIFICATIONS_SQL, params)
         rows, next_cursor = page_of(rows, limit, lambda r: ts_key(r["created_at"], r["id"]))
         return NotificationPage(items=[Notification(**r) for r in rows], next_cursor=next_cursor)
 
     @post("/{notification_id:str}/ack", guards=[OPERATORS], status_code=200)
     async def ack_notification(
-        self, state: State, request: Request[Any, Any, Any], notification_id: str
+        self, services: Services, request: Request[Any, Any, Any], notification_id: str
     ) -> Notification:
         """Mark a notification read. Acking twice keeps the first ack."""
         row = await _acknowledge(
-            state,
+            services,
             ACK_SQL,
             notification_id,
             request.user.username,

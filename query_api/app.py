@@ -8,13 +8,18 @@ from contextlib import asynccontextmanager
 
 import psycopg
 from litestar import Litestar
+from litestar.di import Provide
 from litestar.static_files import create_static_files_router
-from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
 
-from contracts import Topics
-from microgrid.events import EventStream
-from microgrid.http import (
+from query_api.alerts import AlertController, NotificationController
+from query_api.auth import LoginThrottle, TokenIssuer, ensure_demo_users, jwt_auth, login
+from query_api.control import ControlCommandController
+from query_api.devices import DeviceController
+from query_api.ops import readyz
+from query_api.rules import AlertRuleController, publish_all_rules
+from query_api.services import Services
+from query_api.stream import stream
+from runtime.http import (
     MetricsController,
     cors_config,
     exception_handlers,
@@ -23,15 +28,7 @@ from microgrid.http import (
     problem_details_plugin,
     prometheus_config,
 )
-from microgrid.kafka import KafkaProbe, RenewableProducer
-from microgrid.settings import Settings, get_settings
-from query_api.alerts import AlertController, NotificationController
-from query_api.auth import LoginThrottle, ensure_demo_users, jwt_auth, login
-from query_api.control import ControlCommandController
-from query_api.devices import DeviceController
-from query_api.ops import readyz
-from query_api.rules import AlertRuleController, publish_all_rules
-from query_api.stream import stream
+from runtime.settings import Settings, get_settings
 from ui import STATIC_DIR
 
 
@@ -43,43 +40,24 @@ def _seed_users(s: Settings) -> None:
 def create_app(settings: Settings | None = None) -> Litestar:
     s = settings or get_settings()
     auth = jwt_auth(s)
+    tokens = TokenIssuer(auth)
+    services = Services(s)
+    throttle = LoginThrottle(services.redis, s.login_max_failures, s.login_lockout_s)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await asyncio.to_thread(_seed_users, s)
-        pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=8, open=False)
-        await pool.open()
-        redis = Redis.from_url(s.redis_url)
-        probe = KafkaProbe(s)
-        producer = RenewableProducer(s, "microgrid-api")
-        await producer.start()
-        events = EventStream(s)
-        app.state.update(
-            settings=s,
-            pool=pool,
-            redis=redis,
-            kafka_probe=probe,
-            jwt_auth=auth,
-            login_throttle=LoginThrottle(redis, s.login_max_failures, s.login_lockout_s),
-            producer=producer,
-            events=events,
-            rules_topic=s.topic(Topics.ALERT_RULES),
-            commands_topic=s.topic(Topics.CONTROL_COMMANDS),
-        )
-        async with pool.connection() as conn:
-            await publish_all_rules(conn, app.state)
+        await services.start()
+        async with services.pool.connection() as conn:
+            await publish_all_rules(conn, services)
         try:
             yield
         finally:
-            await events.close()
-            await producer.stop()
-            await probe.close()
-            await redis.aclose()
-            await pool.close()
+            await services.stop()
 
     prometheus = prometheus_config("query_api")
     return Litestar(
-        logging_config=None,  # the process's logging (microgrid.logs), not Litestar's own
+        logging_config=None,  # the process's logging (runtime.logs), not Litestar's own
         route_handlers=[
             login,
             DeviceController,
@@ -99,6 +77,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 include_in_schema=False,
             ),
         ],
+        dependencies={
+            "services": Provide(lambda: services, use_cache=True, sync_to_thread=False),
+            "throttle": Provide(lambda: throttle, use_cache=True, sync_to_thread=False),
+            "tokens": Provide(lambda: tokens, use_cache=True, sync_to_thread=False),
+        },
         lifespan=[lifespan],
         on_app_init=[auth.on_app_init],
         middleware=[prometheus.middleware],

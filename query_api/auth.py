@@ -17,15 +17,15 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 from litestar import Request, post
 from litestar.connection import ASGIConnection
-from litestar.datastructures import State
 from litestar.exceptions import PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.security.jwt import JWTAuth, Token
 from redis.asyncio import Redis
 
 from contracts.api import LoginRequest, Role, TokenResponse
-from microgrid.http import problem
-from microgrid.settings import DEV_TOKEN_SECRET, Settings
+from query_api.services import Services
+from runtime.http import problem
+from runtime.settings import DEV_TOKEN_SECRET, Settings
 
 HASHER = PasswordHasher()
 # Verified against when the username is unknown, so both cases cost the same time.
@@ -65,6 +65,17 @@ def jwt_auth(s: Settings) -> JWTAuth[User, Token]:
         exclude_opt_key="public",
         exclude=["^/docs"],
     )
+
+
+class TokenIssuer:
+    """Signs access tokens for the login route."""
+
+    def __init__(self, auth: JWTAuth[User, Token]) -> None:
+        self.auth = auth
+        self.ttl_s = int(auth.default_token_expiration.total_seconds())
+
+    def issue(self, username: str, role: Role) -> str:
+        return self.auth.create_token(identifier=username, token_extras={"role": role})
 
 
 def require(*roles: Role) -> Any:
@@ -113,10 +124,13 @@ class LoginThrottle:
 
 @post("/api/v1/auth/login", opt={"public": True}, status_code=200, tags=["auth"])
 async def login(
-    data: LoginRequest, request: Request[Any, Any, State], state: State
+    data: LoginRequest,
+    request: Request[Any, Any, Any],
+    services: Services,
+    throttle: LoginThrottle,
+    tokens: TokenIssuer,
 ) -> TokenResponse:
     """Exchange a username and password for a bearer token."""
-    throttle: LoginThrottle = state.login_throttle
     client = request.client.host if request.client else "unknown"
     wait = await throttle.retry_after(data.username, client)
     if wait is not None:
@@ -126,7 +140,7 @@ async def login(
             f"try again in {wait} s",
             headers={"Retry-After": str(wait)},
         )
-    async with state.pool.connection() as conn:
+    async with services.pool.connection() as conn:
         cur = await conn.execute(
             "SELECT role, password_hash FROM users WHERE username = %s", (data.username,)
         )
@@ -140,12 +154,10 @@ async def login(
         await throttle.failed(data.username, client)
         raise problem(401, "Invalid credentials", "unknown username or wrong password")
     await throttle.succeeded(data.username)
-    auth: JWTAuth[User, Token] = state.jwt_auth
-    token = auth.create_token(identifier=data.username, token_extras={"role": row[0]})
     return TokenResponse(
-        access_token=token,
+        access_token=tokens.issue(data.username, row[0]),
         token_type="Bearer",
-        expires_in=int(auth.default_token_expiration.total_seconds()),
+        expires_in=tokens.ttl_s,
         role=row[0],
     )
 

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.datastructures import State
 from litestar.params import Parameter
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -27,10 +26,11 @@ from contracts.api import (
     Transition,
 )
 from contracts.control import DEFAULT_TTL_S, CommandRequested, command_errors
-from microgrid.http import problem
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
 from query_api.publishing import append_or_503
+from query_api.services import Services
+from runtime.http import problem
 
 COLUMNS = (
     "id::text, device_id, command, params, status, reason, ttl_s, deadline, requested_by,"
@@ -65,7 +65,7 @@ async def _by_key(conn: AsyncConnection[Any], user: str, key: str) -> CommandAcc
     return CommandAccepted(id=row[0], status=row[1]) if row else None
 
 
-async def _publish(state: State, row: dict[str, Any]) -> None:
+async def _publish(services: Services, row: dict[str, Any]) -> None:
     request = CommandRequested(
         id=row["id"],
         device_id=row["device_id"],
@@ -75,7 +75,11 @@ async def _publish(state: State, row: dict[str, Any]) -> None:
         deadline=row["deadline"],
     )
     await append_or_503(
-        state, state.commands_topic, request.device_id, msgspec.json.encode(request), "Command"
+        services,
+        services.commands_topic,
+        request.device_id,
+        msgspec.json.encode(request),
+        "Command",
     )
 
 
@@ -91,7 +95,7 @@ class ControlCommandController(Controller):
     @post(guards=[OPERATORS], status_code=202)
     async def send_command(
         self,
-        state: State,
+        services: Services,
         request: Request[Any, Any, Any],
         data: CommandRequest,
         idempotency_key: Annotated[
@@ -101,7 +105,7 @@ class ControlCommandController(Controller):
         """Queue a command for a device; follow it with GET .../{id}."""
         user = request.user.username
         seen: CommandAccepted | None = None
-        async with state.pool.connection() as conn:
+        async with services.pool.connection() as conn:
             if idempotency_key and (seen := await _by_key(conn, user, idempotency_key)):
                 return seen
             cur = await conn.execute(
@@ -117,8 +121,8 @@ class ControlCommandController(Controller):
             now = datetime.now(UTC)
             history = [{"status": "queued", "at": now.isoformat()}]
             command_id = uuid.uuid4()
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(
+            inserted = conn.cursor(row_factory=dict_row)
+            await inserted.execute(
                 INSERT_SQL,
                 (
                     command_id,
@@ -132,22 +136,22 @@ class ControlCommandController(Controller):
                     Jsonb(history),
                 ),
             )
-            row = await cur.fetchone()
+            row = await inserted.fetchone()
             if row is None and idempotency_key:  # a concurrent retry with this key won
                 seen = await _by_key(conn, user, idempotency_key)
             elif row is not None:
-                await _publish(state, row)
+                await _publish(services, row)
                 await conn.commit()  # stored only once the controller's topic has it
         if row is None and seen is not None:
             return seen
         assert row is not None
-        await state.events.append([(Events.CONTROL_UPDATED, row)])
+        await services.events.append([(Events.CONTROL_UPDATED, row)])
         return CommandAccepted(id=row["id"], status="queued")
 
     @get()
     async def list_commands(
         self,
-        state: State,
+        services: Services,
         device_id: str | None = None,
         status: str | None = None,
         cursor: str | None = None,
@@ -162,7 +166,7 @@ class ControlCommandController(Controller):
             "before_ts": key[0] if key else None,
             "before_id": key[1] if key else None,
         }
-        async with state.pool.connection() as conn:
+        async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(LIST_SQL, params)
             rows = await cur.fetchall()
@@ -170,8 +174,8 @@ class ControlCommandController(Controller):
         return CommandPage(items=[_command(r) for r in rows], next_cursor=next_cursor)
 
     @get("/{command_id:uuid}")
-    async def get_command(self, state: State, command_id: uuid.UUID) -> ControlCommand:
-        async with state.pool.connection() as conn:
+    async def get_command(self, services: Services, command_id: uuid.UUID) -> ControlCommand:
+        async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
                 f"SELECT {COLUMNS} FROM control_commands WHERE id = %s", (command_id,)

@@ -7,14 +7,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from litestar import Controller, get
-from litestar.datastructures import State
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
 from contracts import DEVICE_TYPES, METRICS
 from contracts.api import Bucket, Device, DevicePage, Metrics, ReadingSeries, Stat
-from microgrid.http import problem
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of
+from query_api.services import Services
+from runtime.http import problem
 
 DEVICE_SQL = """
 SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
@@ -63,7 +63,7 @@ class DeviceController(Controller):
     path = "/api/v1/devices"
     tags = ["devices"]
 
-    async def _fetch(self, state: State, **filters: Any) -> list[dict[str, Any]]:
+    async def _fetch(self, services: Services, **filters: Any) -> list[dict[str, Any]]:
         params = {
             "site_id": None,
             "device_type": None,
@@ -72,9 +72,9 @@ class DeviceController(Controller):
             "status": None,
             "limit": 1,
             **filters,
-            "offline_after": state.settings.device_offline_after_s,
+            "offline_after": services.settings.device_offline_after_s,
         }
-        async with state.pool.connection() as conn:
+        async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(DEVICE_SQL, params)
             return await cur.fetchall()
@@ -82,7 +82,7 @@ class DeviceController(Controller):
     @get()
     async def list_devices(
         self,
-        state: State,
+        services: Services,
         site_id: str | None = None,
         device_type: Annotated[str | None, Parameter(description=", ".join(DEVICE_TYPES))] = None,
         status: Annotated[str | None, Parameter(pattern="^(online|offline)$")] = None,
@@ -92,7 +92,7 @@ class DeviceController(Controller):
         """Devices in id order, with online status and their latest metrics."""
         after = decode_cursor(cursor, str)
         rows = await self._fetch(
-            state,
+            services,
             site_id=site_id,
             device_type=device_type,
             status=status,
@@ -103,8 +103,8 @@ class DeviceController(Controller):
         return DevicePage(items=[_device(r) for r in rows], next_cursor=next_cursor)
 
     @get("/{device_id:str}")
-    async def get_device(self, state: State, device_id: str) -> Device:
-        rows = await self._fetch(state, device_id=device_id)
+    async def get_device(self, services: Services, device_id: str) -> Device:
+        rows = await self._fetch(services, device_id=device_id)
         if not rows:
             raise problem(404, "Unknown device", f"no device {device_id!r} has reported")
         return _device(rows[0])
@@ -112,7 +112,7 @@ class DeviceController(Controller):
     @get("/{device_id:str}/readings")
     async def get_readings(
         self,
-        state: State,
+        services: Services,
         device_id: str,
         start: Annotated[datetime | None, Parameter(query="from")] = None,
         end: Annotated[datetime | None, Parameter(query="to")] = None,
@@ -135,7 +135,7 @@ class DeviceController(Controller):
                 400, "Unknown metric", f"{', '.join(unknown)}; known: {', '.join(METRICS)}"
             )
         bucket_s = max(1, math.ceil((end - start).total_seconds() / points))
-        async with state.pool.connection() as conn:
+        async with services.pool.connection() as conn:
             cur = await conn.execute(_series_sql(chosen), (bucket_s, start, device_id, start, end))
             rows = await cur.fetchall()
         buckets = []

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from litestar import Response, get
-from litestar.datastructures import State
 
-from microgrid.http import postgres_check, readiness
+from query_api.services import Services
+from runtime.http import postgres_check, readiness
 
 
 @get("/readyz", opt={"public": True}, tags=["operations"])
-async def readyz(state: State) -> Response[dict[str, Any]]:
+async def readyz(services: Services) -> Response[dict[str, Any]]:
     """200 when Kafka, PostgreSQL and Redis all answer; 503 naming the ones that did not."""
 
     async def redis() -> None:
-        await state.redis.ping()
+        await services.redis.ping()
 
-    checks = {"kafka": state.kafka_probe, "postgres": postgres_check(state.pool), "redis": redis}
+    checks: dict[str, Callable[[], Awaitable[None]]] = {
+        "kafka": services.kafka_probe,
+        "postgres": postgres_check(services.pool),
+        "redis": redis,
+    }
     return await readiness(checks)

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from microgrid.http import problem
+from runtime.http import problem
 
 MAX_LIMIT = 500
 

@@ -6,21 +6,24 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka.errors import KafkaError
-from litestar.datastructures import State
 
-from microgrid.http import problem
+from query_api.services import Services
+from runtime.http import problem
 
 ACK_TIMEOUT_S = 5.0
 
 
-async def append_or_503(state: State, topic: str, key: str, value: bytes | None, what: str) -> None:
-    producer = state.producer.producer
+async def append_or_503(
+    services: Services, topic: str, key: str, value: bytes | None, what: str
+) -> None:
+    producer = services.producer.producer
+    assert producer is not None, "the app's lifespan starts the producer"
     try:
         await asyncio.wait_for(
             producer.send_and_wait(topic, value, key=key.encode()), timeout=ACK_TIMEOUT_S
         )
     except (KafkaError, TimeoutError) as exc:
-        await state.producer.renew_if_broken()
+        await services.producer.renew_if_broken()
         raise problem(
             503,
             f"{what} log unavailable",

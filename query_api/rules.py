@@ -13,7 +13,6 @@ from typing import Any
 import msgspec
 import psycopg
 from litestar import Controller, delete, get, post, put
-from litestar.datastructures import State
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -25,9 +24,10 @@ from contracts.alerting import (
     rule_errors,
 )
 from contracts.api import AlertRule, AlertRulePage
-from microgrid.http import problem
 from query_api.auth import ADMINS
 from query_api.publishing import append_or_503
+from query_api.services import Services
+from runtime.http import problem
 
 FIELDS = ("name", "kind", "severity", *OPTIONAL_FIELDS, "enabled")
 COLUMNS = "id::text, " + ", ".join(FIELDS) + ", scope, created_at, updated_at"
@@ -58,16 +58,16 @@ def _record(rule: AlertRule) -> bytes:
     return msgspec.json.encode(AlertRuleRecord(id=rule.id, **fields))
 
 
-async def publish_rule(state: State, rule_id: str, value: bytes | None) -> None:
-    await append_or_503(state, state.rules_topic, rule_id, value, "Rules")
+async def publish_rule(services: Services, rule_id: str, value: bytes | None) -> None:
+    await append_or_503(services, services.rules_topic, rule_id, value, "Rules")
 
 
-async def publish_all_rules(conn: psycopg.AsyncConnection, state: State) -> int:
+async def publish_all_rules(conn: psycopg.AsyncConnection, services: Services) -> int:
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(f"SELECT {COLUMNS} FROM alert_rules")
     rules = [_rule(r) for r in await cur.fetchall()]
     for rule in rules:
-        await publish_rule(state, rule.id, _record(rule))
+        await publish_rule(services, rule.id, _record(rule))
     return len(rules)
 
 
@@ -76,17 +76,17 @@ class AlertRuleController(Controller):
     tags = ["alert rules"]
 
     @get()
-    async def list_rules(self, state: State) -> AlertRulePage:
+    async def list_rules(self, services: Services) -> AlertRulePage:
         """Every rule, by name."""
-        async with state.pool.connection() as conn:
+        async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(f"SELECT {COLUMNS} FROM alert_rules ORDER BY name, id")
             rows = await cur.fetchall()
         return AlertRulePage(items=[_rule(r) for r in rows], next_cursor=None)
 
     @get("/{rule_id:uuid}")
-    async def get_rule(self, state: State, rule_id: uuid.UUID) -> AlertRule:
-        async with state.pool.connection() as conn:
+    async def get_rule(self, services: Services, rule_id: uuid.UUID) -> AlertRule:
+        async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(f"SELECT {COLUMNS} FROM alert_rules WHERE id = %s", (rule_id,))
             row = await cur.fetchone()
@@ -95,36 +95,36 @@ class AlertRuleController(Controller):
         return _rule(row)
 
     @post(guards=[ADMINS], status_code=201)
-    async def create_rule(self, state: State, data: AlertRuleSpec) -> AlertRule:
+    async def create_rule(self, services: Services, data: AlertRuleSpec) -> AlertRule:
         values = _checked(data)
-        async with state.pool.connection() as conn, conn.transaction():
+        async with services.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(INSERT_SQL, [uuid.uuid4(), *values])
             row = await cur.fetchone()
             assert row is not None
             rule = _rule(row)
-            await publish_rule(state, rule.id, _record(rule))
+            await publish_rule(services, rule.id, _record(rule))
         return rule
 
     @put("/{rule_id:uuid}", guards=[ADMINS])
     async def replace_rule(
-        self, state: State, rule_id: uuid.UUID, data: AlertRuleSpec
+        self, services: Services, rule_id: uuid.UUID, data: AlertRuleSpec
     ) -> AlertRule:
         values = _checked(data)
-        async with state.pool.connection() as conn, conn.transaction():
+        async with services.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(UPDATE_SQL, [*values, rule_id])
             row = await cur.fetchone()
             if row is None:
                 raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
             rule = _rule(row)
-            await publish_rule(state, rule.id, _record(rule))
+            await publish_rule(services, rule.id, _record(rule))
         return rule
 
     @delete("/{rule_id:uuid}", guards=[ADMINS], status_code=204)
-    async def delete_rule(self, state: State, rule_id: uuid.UUID) -> None:
-        async with state.pool.connection() as conn, conn.transaction():
+    async def delete_rule(self, services: Services, rule_id: uuid.UUID) -> None:
+        async with services.pool.connection() as conn, conn.transaction():
             cur = await conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))
             if cur.rowcount == 0:
                 raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
-            await publish_rule(state, str(rule_id), None)
+            await publish_rule(services, str(rule_id), None)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from litestar import Request, get
-from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
@@ -22,19 +21,22 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from contracts import Streams
-from microgrid.http import problem
+from query_api.services import Services
+from runtime.http import problem
 
 HEARTBEAT_MS = 15_000
 BATCH = 200
 
 
-def _authenticate(request: Request[Any, Any, Any], state: State, query_token: str | None) -> str:
+def _authenticate(
+    request: Request[Any, Any, Any], services: Services, query_token: str | None
+) -> str:
     scheme, _, header_token = request.headers.get("authorization", "").partition(" ")
     encoded = header_token if scheme.lower() == "bearer" and header_token else query_token
     if not encoded:
         raise problem(401, "Missing token", "send a bearer token, or access_token=<token>")
     try:
-        token = Token.decode(encoded, state.settings.auth_token_secret, "HS256")
+        token = Token.decode(encoded, services.settings.auth_token_secret, "HS256")
     except NotAuthorizedException as exc:
         raise problem(401, "Invalid token", str(exc.detail)) from exc
     return token.sub
@@ -77,13 +79,13 @@ async def _events(
 @get("/api/v1/stream", opt={"public": True}, tags=["stream"])
 async def stream(
     request: Request[Any, Any, Any],
-    state: State,
+    services: Services,
     access_token: Annotated[str | None, Parameter(description="for EventSource clients")] = None,
     last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
 ) -> ServerSentEvent:
     """alert.*, notification.*, control.updated and device.latest events, as they happen."""
-    _authenticate(request, state, access_token)
-    key = state.settings.topic(Streams.EVENTS)
+    _authenticate(request, services, access_token)
+    key = services.settings.topic(Streams.EVENTS)
     cursor, notice = "$", None
     if last_event_id:
         try:
@@ -91,8 +93,8 @@ async def stream(
         except ValueError as exc:
             raise problem(400, "Invalid Last-Event-ID", "pass back an event id") from exc
         cursor = last_event_id
-        first: Any = await state.redis.xrange(key, count=1)
+        first: Any = await services.redis.xrange(key, count=1)
         if first and _older(cursor, first[0][0].decode()):
             # resumed too late: say so, then send what is left
             cursor, notice = "0-0", "resumed after events were dropped: reload the views"
-    return ServerSentEvent(_events(state.redis, key, cursor, notice))
+    return ServerSentEvent(_events(services.redis, key, cursor, notice))

@@ -23,9 +23,9 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, ReadingBatch, Topics
 from contracts.alerting import AlertEvent, AlertRuleRecord
-from microgrid.kafka import RenewableProducer, read_table
-from microgrid.metrics import RECORDS, report_lag, serve_metrics
-from microgrid.settings import Settings
+from runtime.kafka import RenewableProducer, read_table
+from runtime.metrics import RECORDS, report_lag, serve_metrics
+from runtime.settings import Settings
 from stream_processors.alerting import (
     DeviceState,
     evaluate_reading,

@@ -24,9 +24,9 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Topics
 from contracts.control import CommandDispatch, CommandRequested, CommandResult, ControlEvent
-from microgrid.kafka import RenewableProducer, read_table
-from microgrid.metrics import RECORDS, report_lag, serve_metrics
-from microgrid.settings import Settings
+from runtime.kafka import RenewableProducer, read_table
+from runtime.metrics import RECORDS, report_lag, serve_metrics
+from runtime.settings import Settings
 from stream_processors.lifecycle import CommandState, Step, on_requested, on_result, on_tick
 from stream_processors.partitions import REDELIVERED_BATCHES, StateListener
 

@@ -19,9 +19,9 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Headers, TimeWindow, Topics
-from microgrid.kafka import RenewableProducer
-from microgrid.metrics import RECORDS, report_lag, serve_metrics
-from microgrid.settings import Settings
+from runtime.kafka import RenewableProducer
+from runtime.metrics import RECORDS, report_lag, serve_metrics
+from runtime.settings import Settings
 from stream_processors.partitions import REDELIVERED_BATCHES
 from stream_processors.validation import Valid, validate_record
 

@@ -20,10 +20,10 @@ import httpx
 import psycopg
 import pytest
 
-from ingest_gateway.keys import create_key
-from microgrid.db import migrate
-from microgrid.kafka import delete_topics, ensure_topics, topic_specs
-from microgrid.settings import PROJECT_ROOT, Settings
+from runtime.db import migrate
+from runtime.kafka import delete_topics, ensure_topics, topic_specs
+from runtime.keys import create_key
+from runtime.settings import PROJECT_ROOT, Settings
 
 RUN_ID = uuid.uuid4().hex[:8]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from microgrid.settings import PROJECT_ROOT
+from runtime.settings import PROJECT_ROOT
 from tests.conftest import Components
 
 

@@ -8,8 +8,8 @@ import httpx
 import psycopg
 import pytest
 
-from microgrid.settings import Settings
 from microgrid.stack import Kafka
+from runtime.settings import Settings
 from tests.conftest import Components, wait_for
 from tests.support import new_device, reading, stored_count
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 
-from microgrid.settings import PROJECT_ROOT, Settings
+from runtime.settings import PROJECT_ROOT, Settings
 from tests.conftest import Components, wait_for
 
 SIMULATION = ["--devices", "16", "--rate", "2", "--duration", "3"]

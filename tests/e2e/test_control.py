@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from contracts import Topics
 from contracts.control import CommandDispatch, CommandResult
-from ingest_gateway.keys import create_key
-from microgrid.settings import Settings
+from runtime.keys import create_key
+from runtime.settings import Settings
 from tests.conftest import Components, wait_for
 from tests.sse import SSEClient
 from tests.support import new_device

@@ -13,7 +13,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from contracts import Headers, Topics
-from microgrid.settings import Settings
+from runtime.settings import Settings
 from tests.conftest import Components, wait_for
 from tests.support import new_device, reading, stored_count
 

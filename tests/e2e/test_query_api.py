@@ -21,8 +21,8 @@ import psycopg
 import pytest
 
 from contracts.alerting import SEVERITIES
-from ingest_gateway.keys import create_key
 from query_api.auth import HASHER
+from runtime.keys import create_key
 from tests.conftest import Components, wait_for
 from tests.support import new_device, reading
 

@@ -15,8 +15,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from contracts import Topics
 from contracts.control import CommandDispatch, CommandResult
-from microgrid.settings import Settings
-from microgrid.simulator import Battery, Genset, Site, build_fleet, serve_commands
+from runtime.settings import Settings
+from simulator.commands import serve_commands
+from simulator.devices import Battery, Genset
+from simulator.fleet import Site, build_fleet
 
 
 @pytest.fixture()

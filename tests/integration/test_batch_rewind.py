@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faststream.kafka import KafkaBroker, KafkaMessage
 
-from microgrid.kafka import delete_topics
-from microgrid.settings import Settings
+from runtime.kafka import delete_topics
+from runtime.settings import Settings
 from stream_processors.partitions import REDELIVERED_BATCHES
 
 PARTITIONS = 6

@@ -10,8 +10,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from contracts import Topics
-from microgrid.kafka import delete_topics, ensure_topics, read_table, topic_specs
-from microgrid.settings import Settings
+from runtime.kafka import delete_topics, ensure_topics, read_table, topic_specs
+from runtime.settings import Settings
 
 
 async def _topic_config(s: Settings, topic: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from microgrid.settings import PROJECT_ROOT
+from runtime.settings import PROJECT_ROOT
 
 PACKAGES = (
     "contracts",

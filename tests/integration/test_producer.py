@@ -8,8 +8,8 @@ import uuid
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from microgrid.kafka import RenewableProducer, delete_topics
-from microgrid.settings import Settings
+from runtime.kafka import RenewableProducer, delete_topics
+from runtime.settings import Settings
 
 
 def test_a_producer_renewed_while_the_broker_is_away_is_renewed_once_it_is_back(

@@ -8,9 +8,9 @@ import sys
 
 import psycopg
 
-from ingest_gateway.keys import hash_key
-from microgrid.db import migrate
-from microgrid.settings import PROJECT_ROOT, Settings
+from runtime.db import migrate
+from runtime.keys import hash_key
+from runtime.settings import PROJECT_ROOT, Settings
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dotenv import dotenv_values
 
-from microgrid.settings import PROJECT_ROOT, Settings
+from runtime.settings import PROJECT_ROOT, Settings
 
 EXAMPLE = PROJECT_ROOT / ".env.example"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ingest_gateway.app import SendWindow
+from ingest_gateway.gateway import SendWindow
 
 LINGER = 0.5
 

@@ -17,22 +17,13 @@ import pytest
 
 from contracts import Reading
 from contracts.control import CommandDispatch, CommandResult
-from microgrid import simulator
-from microgrid.settings import Settings
-from microgrid.simulator import (
-    NORMAL_BANDS,
-    Battery,
-    CommandServer,
-    Device,
-    Genset,
-    Load,
-    Meter,
-    PVInverter,
-    Site,
-    build_fleet,
-    retry_after_s,
-    run_simulation,
-)
+from runtime.settings import Settings
+from simulator import commands, devices, run, sender
+from simulator.commands import CommandServer
+from simulator.devices import NORMAL_BANDS, Battery, Device, Genset, Load, Meter, PVInverter
+from simulator.fleet import Site, build_fleet
+from simulator.run import run_simulation
+from simulator.sender import retry_after_s
 
 START = datetime(2026, 6, 1, 0, 0, tzinfo=UTC)
 STEP = timedelta(minutes=5)
@@ -107,7 +98,7 @@ def test_device_ids_look_like_the_examples() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("excursion_prob", [0.0, simulator.EXCURSION_PROBABILITY, 1.0])
+@pytest.mark.parametrize("excursion_prob", [0.0, devices.EXCURSION_PROBABILITY, 1.0])
 def test_every_reading_passes_the_contract(seed: int, excursion_prob: float) -> None:
     sites = build_fleet(18, seed=seed, excursion_prob=excursion_prob)
     readings = simulate(sites)
@@ -383,7 +374,7 @@ def test_reboot_clears_setpoints_and_silences_the_device() -> None:
     assert battery.execute("reboot", {}, random.Random(0), now=noon) is None
     assert pv.execute("reboot", {}, random.Random(0), now=noon) is None
     assert battery.setpoint_kw is None and pv.limit_pct is None
-    low, high = simulator.REBOOT_SECONDS
+    low, high = devices.REBOOT_SECONDS
     during = site.readings(noon + timedelta(seconds=low - 0.5))
     assert {r.device_type for r in during} == {"load", "meter"}
     net = next(r for r in during if r.device_type == "meter").power_kw
@@ -405,8 +396,8 @@ def test_reboot_without_a_clock_starts_at_the_next_reading() -> None:
     assert load.execute("reboot", {}, random.Random(0)) is None
     assert load.execute("reboot", {}, random.Random(0)) == "device is rebooting"
     assert load.sample(START) is None
-    assert load.sample(START + timedelta(seconds=simulator.REBOOT_SECONDS[0] - 1)) is None
-    r = load.sample(START + timedelta(seconds=simulator.REBOOT_SECONDS[1]))
+    assert load.sample(START + timedelta(seconds=devices.REBOOT_SECONDS[0] - 1)) is None
+    r = load.sample(START + timedelta(seconds=devices.REBOOT_SECONDS[1]))
     assert r is not None and r.seq == 0
 
 
@@ -465,7 +456,7 @@ def test_battery_failures_include_the_bms() -> None:
 
 def test_a_small_share_of_commands_fails_by_default() -> None:
     battery = make(Battery)
-    assert battery.failure_rate == simulator.COMMAND_FAILURE_RATE == 0.03
+    assert battery.failure_rate == devices.COMMAND_FAILURE_RATE == 0.03
     rng = random.Random(42)
     outcomes = [battery.execute("charge", {"power_kw": 1}, rng) for _ in range(4000)]
     failed = sum(o is not None for o in outcomes)
@@ -588,7 +579,7 @@ async def test_the_server_runs_commands_concurrently_after_a_short_delay() -> No
     await asyncio.gather(*server.tasks)
     elapsed = asyncio.get_running_loop().time() - t0
     assert len(producer.sent) == 16
-    assert simulator.COMMAND_DELAY_S[0] <= elapsed < simulator.COMMAND_DELAY_S[1] + 0.5
+    assert commands.COMMAND_DELAY_S[0] <= elapsed < commands.COMMAND_DELAY_S[1] + 0.5
 
 
 async def test_a_command_overdue_after_its_delay_is_not_executed() -> None:
@@ -609,7 +600,7 @@ def test_retry_after_parsing() -> None:
     assert retry_after_s("2", 9.0) == 2.0
     assert retry_after_s(None, 9.0) == 9.0
     assert retry_after_s("soon", 9.0) == 9.0
-    assert retry_after_s("100000", 9.0) == simulator.MAX_RETRY_AFTER_S
+    assert retry_after_s("100000", 9.0) == sender.MAX_RETRY_AFTER_S
     later = (datetime.now(UTC) + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     assert 25.0 <= retry_after_s(later, 9.0) <= 31.0
 
@@ -628,15 +619,13 @@ def gateway(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], list[httpx.R
             seen.append(request)
             return handler(request)
 
+        monkeypatch.setattr(run, "_provision_keys", lambda url, ids: {i: f"key-{i}" for i in ids})
         monkeypatch.setattr(
-            simulator, "_provision_keys", lambda url, ids: {i: f"key-{i}" for i in ids}
-        )
-        monkeypatch.setattr(
-            simulator,
-            "_make_client",
+            run,
+            "make_client",
             lambda n: httpx.AsyncClient(transport=httpx.MockTransport(record)),
         )
-        monkeypatch.setattr(simulator, "serve_commands", no_commands)  # no broker here
+        monkeypatch.setattr(run, "serve_commands", no_commands)  # no broker here
         return seen
 
     return install
@@ -696,7 +685,7 @@ async def test_persistent_503_gives_up_after_five_retries(gateway: Callable) -> 
     stats = await run_simulation(SETTINGS, devices=8, rate=5.0, duration=0.2)
     assert stats.attempted == stats.failed == 8
     assert stats.accepted == 0
-    assert stats.retried == simulator.MAX_RETRIES
+    assert stats.retried == sender.MAX_RETRIES
 
 
 async def test_422_is_counted_failed_and_logged_once(
@@ -742,7 +731,7 @@ async def test_the_simulation_serves_commands_for_its_own_fleet(
         assert battery.execute("charge", {"power_kw": 4.5}, random.Random(0)) is None
         await stop.wait()
 
-    monkeypatch.setattr(simulator, "serve_commands", commander)
+    monkeypatch.setattr(run, "serve_commands", commander)
     await run_simulation(SETTINGS, devices=8, rate=10.0, duration=0.6)
     [(s, sites, stop)] = calls
     assert s is SETTINGS and stop.is_set()
@@ -766,7 +755,7 @@ async def test_the_simulation_can_run_without_commands(
     async def fail(*args: object) -> None:
         raise AssertionError("not to be called")
 
-    monkeypatch.setattr(simulator, "serve_commands", fail)
+    monkeypatch.setattr(run, "serve_commands", fail)
     stats = await run_simulation(SETTINGS, devices=8, rate=10.0, duration=0.2, serve_commands=False)
     assert stats.accepted > 0
 
@@ -779,7 +768,7 @@ async def test_a_failing_command_service_does_not_stop_the_readings(
     async def broken(*args: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(simulator, "serve_commands", broken)
+    monkeypatch.setattr(run, "serve_commands", broken)
     with caplog.at_level(logging.ERROR, logger="microgrid.simulator"):
         stats = await run_simulation(SETTINGS, devices=8, rate=10.0, duration=0.3)
     assert stats.accepted == stats.attempted > 8
@@ -797,7 +786,7 @@ async def test_cancelling_stops_the_command_service(
         await stop.wait()
         stopped.set()
 
-    monkeypatch.setattr(simulator, "serve_commands", commander)
+    monkeypatch.setattr(run, "serve_commands", commander)
     task = asyncio.create_task(run_simulation(SETTINGS, devices=8, rate=20.0, duration=None))
     await asyncio.sleep(0.3)
     task.cancel()

@@ -7,13 +7,13 @@ from importlib import resources
 
 import psycopg
 
-from microgrid.settings import Settings
+from runtime.settings import Settings
 
 MIGRATION_LOCK = 0x6D6967726964  # advisory lock id: one migrator at a time
 
 
 def migration_files() -> list[tuple[str, str]]:
-    folder = resources.files("microgrid") / "migrations"
+    folder = resources.files("runtime") / "migrations"
     files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name.removesuffix(".sql"), p.read_text()) for p in files]
 

@@ -13,7 +13,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from contracts import Topics
-from microgrid.settings import Settings
+from runtime.settings import Settings
 
 HOUR_MS = 3_600_000
 log = logging.getLogger("microgrid.kafka")

@@ -12,7 +12,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from contracts import Streams
-from microgrid.settings import Settings
+from runtime.settings import Settings
 
 
 class EventStream:

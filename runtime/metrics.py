@@ -14,7 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, start_http_server
 
-from microgrid.settings import Settings
+from runtime.settings import Settings
 
 log = logging.getLogger("microgrid.metrics")
 
