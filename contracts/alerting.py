@@ -1,44 +1,40 @@
-"""Alert rules: the shape admins send and the checks every kind needs. Shared by the query API
-(which stores rules) and the alerter (which evaluates them)."""
+"""Alert rules: one Struct per kind, in a union tagged by `kind`, and the alert events they raise.
+Shared by the query API (which stores rules) and the alerter (which evaluates them).
+
+msgspec decodes a rule once, into the Struct of its kind, checking types, ranges and which fields
+the kind takes; `problems` adds the checks between fields that types cannot express. A rule is
+the same type as the admin sends it, as the `alert-rules` topic carries it (with its `id`) and as
+the API answers it (with `id` and timestamps). Adding a kind is a Struct here, added to
+`AlertRuleSpec`, and its evaluation in `stream_processors.alerting`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Final, Literal, get_args
 
 import msgspec
 from msgspec import Meta
 
 from contracts.readings import METRICS, DeviceType
 
-RuleKind = Literal["threshold", "rate_of_change", "offline"]
 Op = Literal["gt", "lt", "outside"]
 Severity = Literal["critical", "major", "minor", "warning"]
-SEVERITIES: Final = ("critical", "major", "minor", "warning")
+SEVERITIES: Final[tuple[str, ...]] = get_args(Severity)
 Seconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 RuleName = Annotated[str, Meta(min_length=1, max_length=200)]
 ScopeValue = Annotated[str, Meta(min_length=1, max_length=64)]
+ServerSet = Meta(description="set by the server; refused in a request")
+if TYPE_CHECKING:
+    Metric = str
+else:  # one of the reading's metrics, as the type says
+    Metric = Literal[METRICS]
 
-# Which optional fields each kind takes; anything else is refused.
-KIND_FIELDS: Final[dict[str, frozenset[str]]] = {
-    "threshold": frozenset(
-        {"metric", "op", "threshold", "low", "high", "clear_threshold", "for_s"}
-    ),
-    "rate_of_change": frozenset({"metric", "op", "threshold", "window_s", "for_s"}),
-    "offline": frozenset({"silent_s"}),
-}
-OPTIONAL_FIELDS: Final = (
-    "metric",
-    "op",
-    "threshold",
-    "low",
-    "high",
-    "clear_threshold",
-    "for_s",
-    "window_s",
-    "silent_s",
-)
+FieldError = dict[str, str]
+
+
+def _error(field: str, message: str) -> FieldError:
+    return {"field": field, "message": message}
 
 
 class RuleScope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -49,79 +45,90 @@ class RuleScope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     device_type: DeviceType | None = None
 
 
-class AlertRuleSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+class AlertRuleBase(
+    msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag_field="kind"
+):
+    """What every kind of rule has."""
+
     name: RuleName
-    kind: RuleKind
     severity: Severity
-    metric: str | None = None
-    op: Op | None = None
+    scope: RuleScope = msgspec.field(default_factory=RuleScope)
+    enabled: bool = msgspec.field(default_factory=lambda: True)  # a factory: always encoded
+    id: Annotated[str, ServerSet] | None = None
+    created_at: Annotated[datetime, ServerSet] | None = None
+    updated_at: Annotated[datetime, ServerSet] | None = None
+
+    def problems(self) -> list[FieldError]:
+        """What is wrong with the rule beyond what its type checks; empty when it is sound."""
+        errors = [_error(f, "set by the server") for f in SERVER_SET if getattr(self, f)]
+        scopes = [k for k in ("device_id", "site_id", "device_type") if getattr(self.scope, k)]
+        if len(scopes) > 1:
+            errors.append(_error("scope", "give at most one of device_id, site_id, device_type"))
+        return errors
+
+
+class ThresholdRule(AlertRuleBase, tag="threshold"):
+    """A metric above (`gt`) or below (`lt`) `threshold`, or `outside` [`low`, `high`], for at
+    least `for_s`; an open alert clears past `clear_threshold` (hysteresis, default
+    `threshold`) or back inside [`low`, `high`]."""
+
+    metric: Metric
+    op: Op
     threshold: float | None = None
     low: float | None = None
     high: float | None = None
     clear_threshold: float | None = None
     for_s: Seconds | None = None
-    window_s: Annotated[float, Meta(gt=0, le=24 * 3600)] | None = None
-    silent_s: Annotated[float, Meta(gt=0, le=7 * 24 * 3600)] | None = None
-    scope: RuleScope = msgspec.field(default_factory=RuleScope)
-    enabled: bool = True
 
-
-def rule_errors(rule: AlertRuleSpec) -> list[dict[str, str]]:
-    """Field-level problems of a rule that types alone cannot catch; empty when it is sound."""
-    errors: list[dict[str, str]] = []
-
-    def err(field: str, message: str) -> None:
-        errors.append({"field": field, "message": message})
-
-    allowed = KIND_FIELDS[rule.kind]
-    for name in OPTIONAL_FIELDS:
-        if getattr(rule, name) is not None and name not in allowed:
-            err(name, f"does not apply to a {rule.kind} rule")
-    set_scopes = [k for k in ("device_id", "site_id", "device_type") if getattr(rule.scope, k)]
-    if len(set_scopes) > 1:
-        err("scope", "give at most one of device_id, site_id, device_type")
-    if rule.kind == "offline":
-        if rule.silent_s is None:
-            err("silent_s", "required for an offline rule")
+    def problems(self) -> list[FieldError]:
+        errors = super().problems()
+        if self.op == "outside":
+            if self.low is None or self.high is None or self.low >= self.high:
+                errors.append(_error("low", "an outside rule needs low < high"))
+            if self.threshold is not None:
+                errors.append(_error("threshold", "an outside rule uses low and high"))
+            return errors
+        if self.threshold is None:
+            errors.append(_error("threshold", f"required for op {self.op}"))
+        if self.low is not None or self.high is not None:
+            errors.append(_error("low", f"low and high apply to op outside, not {self.op}"))
+        clear, limit = self.clear_threshold, self.threshold
+        if (
+            clear is not None
+            and limit is not None
+            and (clear > limit if self.op == "gt" else clear < limit)
+        ):
+            errors.append(
+                _error("clear_threshold", "must lie on the safe side of threshold (hysteresis)")
+            )
         return errors
-    if rule.metric not in METRICS:
-        err("metric", f"one of {', '.join(METRICS)}")
-    if rule.kind == "rate_of_change":
-        if rule.threshold is None or rule.threshold <= 0:
-            err("threshold", "a positive change per second is required")
-        if rule.window_s is None:
-            err("window_s", "required for a rate_of_change rule")
-        if rule.op == "outside":
-            err("op", "gt or lt for a rate_of_change rule")
-        return errors
-    _threshold_errors(rule, err)
-    return errors
 
 
-def _threshold_errors(rule: AlertRuleSpec, err: Callable[[str, str], None]) -> None:
-    if rule.op is None:
-        err("op", "required for a threshold rule: gt, lt or outside")
-    elif rule.op == "outside":
-        if rule.low is None or rule.high is None or rule.low >= rule.high:
-            err("low", "an outside rule needs low < high")
-        if rule.threshold is not None:
-            err("threshold", "an outside rule uses low and high")
-    else:
-        if rule.threshold is None:
-            err("threshold", f"required for op {rule.op}")
-        if rule.low is not None or rule.high is not None:
-            err("low", f"low and high apply to op outside, not {rule.op}")
-        clear = rule.clear_threshold
-        if clear is not None and rule.threshold is not None:
-            wrong_side = clear > rule.threshold if rule.op == "gt" else clear < rule.threshold
-            if wrong_side:
-                err("clear_threshold", "must lie on the safe side of threshold (hysteresis)")
+class RateOfChangeRule(AlertRuleBase, tag="rate_of_change"):
+    """A metric changing faster than `threshold` per second over `window_s`: rising (`gt`),
+    falling (`lt`) or either way (no `op`), for at least `for_s`."""
+
+    metric: Metric
+    threshold: Annotated[float, Meta(gt=0)]
+    window_s: Annotated[float, Meta(gt=0, le=24 * 3600)]
+    op: Literal["gt", "lt"] | None = None
+    for_s: Seconds | None = None
 
 
-class AlertRuleRecord(AlertRuleSpec, kw_only=True):
-    """A stored rule as carried on the `alert-rules` topic (keyed by id)."""
+class OfflineRule(AlertRuleBase, tag="offline"):
+    """No reading from a device for longer than `silent_s`."""
 
-    id: str
+    silent_s: Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
+
+
+AlertRuleSpec = ThresholdRule | RateOfChangeRule | OfflineRule
+RuleKind = Literal["threshold", "rate_of_change", "offline"]
+RULE_KINDS: Final[dict[str, type[AlertRuleBase]]] = {
+    kind.__struct_config__.tag: kind for kind in get_args(AlertRuleSpec)
+}
+assert set(RULE_KINDS) == set(get_args(RuleKind)), "RuleKind names every kind of AlertRuleSpec"
+SERVER_SET: Final = ("id", "created_at", "updated_at")
+COMMON_FIELDS: Final = frozenset(f.name for f in msgspec.structs.fields(AlertRuleBase))
 
 
 AlertEventKind = Literal["opened", "cleared"]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-from contracts.alerting import AlertRuleSpec, RuleScope, Severity
+from contracts.alerting import AlertRuleSpec
+from contracts.control import Status as CommandStatus
+from contracts.readings import METRICS
 
 Role = Literal["admin", "operator", "viewer"]
-CommandStatus = Literal["queued", "processing", "succeeded", "failed"]
 AlertStatus = Literal[
     "active_unacknowledged", "active_acknowledged", "cleared", "cleared_unacknowledged"
 ]
@@ -29,14 +30,19 @@ class TokenResponse(msgspec.Struct):
     role: Role
 
 
-class Metrics(msgspec.Struct):
-    ts: datetime
-    voltage_v: float | None
-    current_a: float | None
-    frequency_hz: float | None
-    power_kw: float | None
-    soc_pct: float | None
-    temperature_c: float | None
+if TYPE_CHECKING:
+
+    class Metrics(msgspec.Struct):
+        """A device's latest reading: `ts` and every metric (`contracts.METRICS`)."""
+
+        ts: datetime
+
+        def __getattr__(self, metric: str) -> float | None: ...
+
+else:  # built from the metric list, so a new metric appears here by itself
+    Metrics = msgspec.defstruct(
+        "Metrics", [("ts", datetime), *((m, float | None) for m in METRICS)], module=__name__
+    )
 
 
 class Device(msgspec.Struct):
@@ -151,29 +157,6 @@ class CommandPage(msgspec.Struct):
     next_cursor: str | None
 
 
-class AlertRule(msgspec.Struct, omit_defaults=True):
-    id: str
-    name: str
-    kind: str
-    severity: Severity
-    scope: RuleScope
-    enabled: bool
-    created_at: datetime
-    updated_at: datetime
-    metric: str | None = None
-    op: str | None = None
-    threshold: float | None = None
-    low: float | None = None
-    high: float | None = None
-    clear_threshold: float | None = None
-    for_s: float | None = None
-    window_s: float | None = None
-    silent_s: float | None = None
-
-
 class AlertRulePage(msgspec.Struct):
-    items: list[AlertRule]
+    items: list[AlertRuleSpec]
     next_cursor: str | None
-
-
-__all__ = ["AlertRuleSpec"]

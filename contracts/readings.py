@@ -2,18 +2,23 @@
 
 Types and physical ranges are checked by msgspec at decode time; the time window depends on
 the clock, so it is a separate check (`check_time_window`), shared by gateway and validator.
+
+A metric is an optional number of `Reading` with its physical range: `METRICS` and
+`METRIC_RANGES` are read off the type, so adding a metric is a field here (and a migration
+that adds its column to `telemetry_readings` and `device_latest`).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, get_args
 
 import msgspec
+import msgspec.inspect
 from msgspec import Meta
 
 DeviceType = Literal["pv_inverter", "battery", "load", "genset", "meter"]
-DEVICE_TYPES: Final[tuple[str, ...]] = ("pv_inverter", "battery", "load", "genset", "meter")
+DEVICE_TYPES: Final[tuple[str, ...]] = get_args(DeviceType)
 
 Identifier = Annotated[
     str,
@@ -28,15 +33,6 @@ Power = Annotated[float, Meta(ge=-100_000, le=100_000)]
 StateOfCharge = Annotated[float, Meta(ge=0, le=100)]
 Temperature = Annotated[float, Meta(ge=-60, le=200)]
 
-METRICS: Final[tuple[str, ...]] = (
-    "voltage_v",
-    "current_a",
-    "frequency_hz",
-    "power_kw",
-    "soc_pct",
-    "temperature_c",
-)
-
 
 class Reading(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     device_id: Identifier
@@ -50,6 +46,26 @@ class Reading(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     power_kw: Power | None = None
     soc_pct: StateOfCharge | None = None
     temperature_c: Temperature | None = None
+
+
+def _metric_ranges() -> dict[str, tuple[float, float]]:
+    """Each optional float field of `Reading`, with the range its type allows."""
+    info = msgspec.inspect.type_info(Reading)
+    assert isinstance(info, msgspec.inspect.StructType)
+    ranges = {}
+    for field in info.fields:
+        kinds = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else ()
+        number = next((k for k in kinds if isinstance(k, msgspec.inspect.FloatType)), None)
+        if number is None or field.required:
+            continue
+        if number.ge is None or number.le is None:
+            raise TypeError(f"metric {field.name} needs a physical range (Meta(ge=..., le=...))")
+        ranges[field.name] = (float(number.ge), float(number.le))
+    return ranges
+
+
+METRIC_RANGES: Final[dict[str, tuple[float, float]]] = _metric_ranges()
+METRICS: Final[tuple[str, ...]] = tuple(METRIC_RANGES)
 
 
 class ReadingBatch(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,16 +1,20 @@
-"""SQL of the telemetry projection: readings (COPY), devices, device_latest."""
+"""SQL of the telemetry projection: readings (COPY), devices, device_latest.
+
+The metric columns follow `contracts.METRICS`, so a new metric needs only its migration here.
+"""
 
 from __future__ import annotations
 
 from datetime import date
+from operator import attrgetter
 
 import psycopg
 
-from contracts import Reading
+from contracts import METRICS, Reading
 
-READING_COLUMNS = (
-    "device_id, ts, seq, voltage_v, current_a, frequency_hz, power_kw, soc_pct, temperature_c"
-)
+COLUMNS = ("device_id", "ts", "seq", *METRICS)
+READING_COLUMNS = ", ".join(COLUMNS)
+_row = attrgetter(*COLUMNS)  # one C call per reading on the COPY path
 
 UPSERT_DEVICES = """
 INSERT INTO devices (device_id, site_id, device_type, first_seen, last_seen)
@@ -22,17 +26,17 @@ ON CONFLICT (device_id) DO UPDATE SET
     last_seen = GREATEST(devices.last_seen, EXCLUDED.last_seen)
 """
 
+_ARRAYS = ", ".join(
+    ["%s::text[]", "%s::text[]", "%s::text[]", "%s::timestamptz[]", "%s::bigint[]"]
+    + ["%s::float8[]"] * len(METRICS)
+)
+_UPDATES = ",\n    ".join(f"{c} = EXCLUDED.{c}" for c in ("ts", "seq", *METRICS))
 UPSERT_LATEST = f"""
 INSERT INTO device_latest (site_id, device_type, {READING_COLUMNS})
-SELECT * FROM unnest(
-    %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::bigint[],
-    %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::float8[])
+SELECT * FROM unnest({_ARRAYS})
 ON CONFLICT (device_id) DO UPDATE SET
     site_id = EXCLUDED.site_id, device_type = EXCLUDED.device_type,
-    ts = EXCLUDED.ts, seq = EXCLUDED.seq,
-    voltage_v = EXCLUDED.voltage_v, current_a = EXCLUDED.current_a,
-    frequency_hz = EXCLUDED.frequency_hz, power_kw = EXCLUDED.power_kw,
-    soc_pct = EXCLUDED.soc_pct, temperature_c = EXCLUDED.temperature_c,
+    {_UPDATES},
     updated_at = now()
 WHERE EXCLUDED.ts >= device_latest.ts
 """
@@ -47,19 +51,7 @@ async def write_readings(conn: psycopg.AsyncConnection, readings: list[Reading])
     sql = f"COPY telemetry_readings ({READING_COLUMNS}) FROM STDIN"
     async with conn.cursor() as cur, cur.copy(sql) as copy:
         for r in readings:
-            await copy.write_row(
-                (
-                    r.device_id,
-                    r.ts,
-                    r.seq,
-                    r.voltage_v,
-                    r.current_a,
-                    r.frequency_hz,
-                    r.power_kw,
-                    r.soc_pct,
-                    r.temperature_c,
-                )
-            )
+            await copy.write_row(_row(r))
 
 
 async def upsert_devices(conn: psycopg.AsyncConnection, readings: list[Reading]) -> list[Reading]:
@@ -91,15 +83,7 @@ async def upsert_devices(conn: psycopg.AsyncConnection, readings: list[Reading])
         (
             [r.site_id for r in rows],
             [r.device_type for r in rows],
-            ids,
-            [r.ts for r in rows],
-            [r.seq for r in rows],
-            [r.voltage_v for r in rows],
-            [r.current_a for r in rows],
-            [r.frequency_hz for r in rows],
-            [r.power_kw for r in rows],
-            [r.soc_pct for r in rows],
-            [r.temperature_c for r in rows],
+            *([getattr(r, c) for r in rows] for c in COLUMNS),
         ),
     )
     return rows

@@ -2,7 +2,8 @@
 
 Every change is also published to the compacted `alert-rules` topic (keyed by rule id, a
 tombstone for a deletion) inside the database transaction, so a rule is stored only if the
-alerters will see it. At start the API republishes every stored rule.
+alerters will see it. At start the API republishes every stored rule. What every kind has is a
+column; the kind's own parameters are one jsonb column, so a new kind needs no migration.
 """
 
 from __future__ import annotations
@@ -16,46 +17,50 @@ from litestar import Controller, delete, get, post, put
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from contracts.alerting import (
-    OPTIONAL_FIELDS,
-    AlertRuleRecord,
-    AlertRuleSpec,
-    RuleScope,
-    rule_errors,
-)
-from contracts.api import AlertRule, AlertRulePage
+from contracts.alerting import COMMON_FIELDS, AlertRuleSpec
+from contracts.api import AlertRulePage
 from query_api.auth import ADMINS
 from query_api.publishing import append_or_503
 from query_api.services import Services
 from runtime.http import problem
 
-FIELDS = ("name", "kind", "severity", *OPTIONAL_FIELDS, "enabled")
-COLUMNS = "id::text, " + ", ".join(FIELDS) + ", scope, created_at, updated_at"
+COLUMNS = "id::text, name, kind, severity, scope, enabled, params, created_at, updated_at"
 INSERT_SQL = (
-    f"INSERT INTO alert_rules (id, {', '.join(FIELDS)}, scope)"
-    f" VALUES (%s, {', '.join(['%s'] * len(FIELDS))}, %s) RETURNING {COLUMNS}"
+    "INSERT INTO alert_rules (id, name, kind, severity, scope, enabled, params)"
+    f" VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {COLUMNS}"
 )
 UPDATE_SQL = (
-    f"UPDATE alert_rules SET {', '.join(f'{f} = %s' for f in FIELDS)}, scope = %s,"
-    f" updated_at = now() WHERE id = %s RETURNING {COLUMNS}"
+    "UPDATE alert_rules SET name = %s, kind = %s, severity = %s, scope = %s, enabled = %s,"
+    f" params = %s, updated_at = now() WHERE id = %s RETURNING {COLUMNS}"
 )
 
 
 def _checked(spec: AlertRuleSpec) -> list[Any]:
-    errors = rule_errors(spec)
+    """The columns of a sound rule; a problem naming the field otherwise."""
+    errors = spec.problems()
     if errors:
         raise problem(422, "Invalid alert rule", errors[0]["message"], errors=errors)
-    return [getattr(spec, f) for f in FIELDS] + [Jsonb(msgspec.to_builtins(spec.scope))]
+    fields = msgspec.to_builtins(spec)
+    params = {k: v for k, v in fields.items() if k not in COMMON_FIELDS and k != "kind"}
+    return [
+        spec.name,
+        fields["kind"],
+        spec.severity,
+        Jsonb(msgspec.to_builtins(spec.scope)),
+        spec.enabled,
+        Jsonb(params),
+    ]
 
 
-def _rule(row: dict[str, Any]) -> AlertRule:
-    row["scope"] = msgspec.convert(row["scope"], RuleScope)
-    return AlertRule(**row)
+def _rule(row: dict[str, Any]) -> AlertRuleSpec:
+    params = row.pop("params")
+    rule: AlertRuleSpec = msgspec.convert({**params, **row}, AlertRuleSpec)
+    return rule
 
 
-def _record(rule: AlertRule) -> bytes:
-    fields = {f: getattr(rule, f) for f in (*FIELDS, "scope")}
-    return msgspec.json.encode(AlertRuleRecord(id=rule.id, **fields))
+def _record(rule: AlertRuleSpec) -> bytes:
+    """The rule as the alerters read it: with its id, without the API's timestamps."""
+    return msgspec.json.encode(msgspec.structs.replace(rule, created_at=None, updated_at=None))
 
 
 async def publish_rule(services: Services, rule_id: str, value: bytes | None) -> None:
@@ -67,6 +72,7 @@ async def publish_all_rules(conn: psycopg.AsyncConnection, services: Services) -
     await cur.execute(f"SELECT {COLUMNS} FROM alert_rules")
     rules = [_rule(r) for r in await cur.fetchall()]
     for rule in rules:
+        assert rule.id is not None
         await publish_rule(services, rule.id, _record(rule))
     return len(rules)
 
@@ -85,7 +91,7 @@ class AlertRuleController(Controller):
         return AlertRulePage(items=[_rule(r) for r in rows], next_cursor=None)
 
     @get("/{rule_id:uuid}")
-    async def get_rule(self, services: Services, rule_id: uuid.UUID) -> AlertRule:
+    async def get_rule(self, services: Services, rule_id: uuid.UUID) -> AlertRuleSpec:
         async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(f"SELECT {COLUMNS} FROM alert_rules WHERE id = %s", (rule_id,))
@@ -95,7 +101,8 @@ class AlertRuleController(Controller):
         return _rule(row)
 
     @post(guards=[ADMINS], status_code=201)
-    async def create_rule(self, services: Services, data: AlertRuleSpec) -> AlertRule:
+    async def create_rule(self, services: Services, data: AlertRuleSpec) -> AlertRuleSpec:
+        """A new rule of one of the kinds, each with its own fields (`kind` says which)."""
         values = _checked(data)
         async with services.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
@@ -103,13 +110,13 @@ class AlertRuleController(Controller):
             row = await cur.fetchone()
             assert row is not None
             rule = _rule(row)
-            await publish_rule(services, rule.id, _record(rule))
+            await publish_rule(services, row["id"], _record(rule))
         return rule
 
     @put("/{rule_id:uuid}", guards=[ADMINS])
     async def replace_rule(
         self, services: Services, rule_id: uuid.UUID, data: AlertRuleSpec
-    ) -> AlertRule:
+    ) -> AlertRuleSpec:
         values = _checked(data)
         async with services.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
@@ -118,7 +125,7 @@ class AlertRuleController(Controller):
             if row is None:
                 raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
             rule = _rule(row)
-            await publish_rule(services, rule.id, _record(rule))
+            await publish_rule(services, row["id"], _record(rule))
         return rule
 
     @delete("/{rule_id:uuid}", guards=[ADMINS], status_code=204)

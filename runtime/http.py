@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,11 +53,22 @@ def _invalid_value(request: Request[Any, Any, Any], exc: psycopg.DataError) -> R
     return problem(400, "Invalid value", str(exc).splitlines()[0]).to_response(request)
 
 
+# msgspec names a missing or unknown field in its message, not in the error's path
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
+
+
+def _field_of(error: dict[str, Any]) -> Any:
+    key, named = error.get("key"), _NAMED_FIELD.search(str(error.get("message", "")))
+    if named is None or error.get("source") != "body":
+        return key
+    return named.group(1) if key in (None, "", "data") else f"{key}.{named.group(1)}"
+
+
 def _invalid_request(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     """Body errors are 422 with `errors[].field`, like the gateway's; bad parameters 400."""
     found = exc.extra if isinstance(exc.extra, list) else []
     errors = [
-        {"field": e.get("key"), "message": e.get("message"), "source": e.get("source")}
+        {"field": _field_of(e), "message": e.get("message"), "source": e.get("source")}
         for e in found
         if isinstance(e, dict)
     ]

@@ -21,21 +21,10 @@ import math
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any, ClassVar, Final, get_args
-
-import msgspec
+from typing import Any, ClassVar, Final
 
 from contracts.control import command_errors
-from contracts.readings import (
-    Current,
-    DeviceType,
-    Frequency,
-    Power,
-    Reading,
-    StateOfCharge,
-    Temperature,
-    Voltage,
-)
+from contracts.readings import METRIC_RANGES, DeviceType, Reading
 
 NOMINAL_VOLTAGE_V: Final = 230.0
 NOMINAL_FREQUENCY_HZ: Final = 50.0
@@ -49,20 +38,9 @@ REBOOTING: Final = "device is rebooting"
 Metrics = dict[str, float | None]
 
 
-def _bounds(annotated: Any) -> tuple[float, float]:
-    meta = next(m for m in get_args(annotated)[1:] if isinstance(m, msgspec.Meta))
-    assert meta.ge is not None and meta.le is not None
-    return float(meta.ge), float(meta.le)
+PHYSICAL_RANGES: Final[dict[str, tuple[float, float]]] = METRIC_RANGES
 
 
-PHYSICAL_RANGES: Final[dict[str, tuple[float, float]]] = {
-    "voltage_v": _bounds(Voltage),
-    "current_a": _bounds(Current),
-    "frequency_hz": _bounds(Frequency),
-    "power_kw": _bounds(Power),
-    "soc_pct": _bounds(StateOfCharge),
-    "temperature_c": _bounds(Temperature),
-}
 # Normal operating bands: outside them only during an excursion (a stopped genset reports no
 # voltage or frequency at all).
 NORMAL_BANDS: Final[dict[str, tuple[float, float]]] = {

@@ -1,37 +1,38 @@
 """Alerter group: `telemetry.valid` x rules -> alert events on `alerts`.
 
 Rules come from the compacted `alert-rules` topic, read in full at start and followed after.
-Per-device state lives in memory for the partitions this instance owns and in the compacted
-`alerter.state` changelog (same partition as the device's readings), restored on assignment.
-State records the last telemetry offset evaluated, so readings re-delivered after a crash are
-not evaluated twice; alert ids are deterministic, so an event emitted twice projects once.
-Offline rules are evaluated on a clock tick, not only when readings arrive.
+Per-device state (`stream_processors.alerting.DeviceState`) is kept by the stateful shell
+(`keyed_state`) in the compacted `alerter.state` changelog, on the partition of the device's
+readings. State records the last telemetry offset evaluated, so readings re-delivered after a
+crash are not evaluated twice; alert ids are deterministic, so an event emitted twice projects
+once. Offline rules are evaluated on a clock tick, not only when readings arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, ReadingBatch, Topics
-from contracts.alerting import AlertEvent, AlertRuleRecord
-from runtime.kafka import RenewableProducer, read_table
-from runtime.metrics import RECORDS, report_lag, serve_metrics
+from contracts.alerting import AlertEvent, AlertRuleSpec
+from runtime.metrics import RECORDS
 from runtime.settings import Settings
 from stream_processors.alerting import (
     DeviceState,
+    Rules,
     evaluate_reading,
     evaluate_silence,
+    shortest_silence,
     silence_settled,
 )
+from stream_processors.keyed_state import KeyedState, Output, StatefulShell, Unprocessable
 from stream_processors.partitions import REDELIVERED_BATCHES, StateListener
 
 log = logging.getLogger("microgrid.alerter")
@@ -42,41 +43,39 @@ TICK_S = 1.0
 class Alerter:
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.group = s.group(Groups.ALERTER)
         self.valid_topic = s.topic(Topics.TELEMETRY_VALID)
-        self.state_topic = s.topic(Topics.ALERTER_STATE)
         self.alerts_topic = s.topic(Topics.ALERTS)
-        self.rules: dict[str, AlertRuleRecord] = {}
+        self.rules: Rules = {}
         self.rules_ready = asyncio.Event()
-        self.states: dict[str, DeviceState] = {}
         # devices whose offline alerts are all open: the clock skips them until they report
         # again or the rules change, so silent devices cost nothing per tick
         self.settled: set[str] = set()
-        self.partition_of: dict[str, int] = {}
-        self.lock = asyncio.Lock()
-        self.producer = RenewableProducer(s, "microgrid-alerter-out")
-        self.batch_decoder = msgspec.json.Decoder(ReadingBatch)
-        self.state_decoder = msgspec.json.Decoder(DeviceState)
-        self.rule_decoder = msgspec.json.Decoder(AlertRuleRecord)
-        self.tasks: list[asyncio.Task[None]] = []
         self.backlogged = False
-        self.ready: dict[int, asyncio.Event] = {}  # partition -> its state is restored
+        self.batch_decoder = msgspec.json.Decoder(ReadingBatch)
+        self.rule_decoder = msgspec.json.Decoder(AlertRuleSpec)
+        self.shell = StatefulShell(
+            s,
+            name="alerter",
+            group=s.group(Groups.ALERTER),
+            changelog=s.topic(Topics.ALERTER_STATE),
+            state_type=DeviceState,
+            lag_topic=self.valid_topic,
+            metrics_port=s.alerter_metrics_port,
+            on_forget=self.settled.difference_update,
+        )
+        self.shell.every(TICK_S, self.tick)
+
+    @property
+    def group(self) -> str:
+        return self.shell.group
 
     async def start(self) -> None:
-        await self.producer.start()
-        serve_metrics(self.s, self.s.alerter_metrics_port)
-        self.tasks = [
-            asyncio.create_task(self.follow_rules()),
-            asyncio.create_task(self.tick()),
-            asyncio.create_task(report_lag(self.s, self.group, self.valid_topic)),
-        ]
+        await self.shell.start(self.follow_rules())
         await asyncio.wait_for(self.rules_ready.wait(), timeout=60)
         log.info("alerter ready with %d rules", len(self.rules))
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await self.producer.stop()
+        await self.shell.stop()
 
     async def follow_rules(self) -> None:
         """Read every rule, say so, then keep applying changes as they come."""
@@ -111,127 +110,66 @@ class Alerter:
         except msgspec.MsgspecError as exc:
             log.error("ignored undecodable rule %r: %s", rule_id, exc)
             return
-        self.rules[rule.id] = rule
+        self.rules[rule_id] = rule
         if self.rules_ready.is_set():
-            log.info("rule %s (%s) set; %d rules", rule.id, rule.name, len(self.rules))
-
-    async def restore(self, partitions: list[int]) -> None:
-        tps = [TopicPartition(self.state_topic, p) for p in partitions]
-        table = await read_table(self.s, tps)
-        restored: dict[str, tuple[DeviceState, int]] = {}
-        for i, ((partition, key), rec) in enumerate(table.items()):
-            restored[key.decode()] = (self.state_decoder.decode(rec.value), partition)
-            if i % 10_000 == 9_999:
-                await asyncio.sleep(0)  # keep heartbeats going through a large restore
-        async with self.lock:
-            for device, (state, partition) in restored.items():
-                self.states[device] = state
-                self.partition_of[device] = partition
-            for p in partitions:
-                self.ready.setdefault(p, asyncio.Event()).set()
-        log.info("restored state of %d devices for partitions %s", len(restored), partitions)
-
-    async def forget(self, partitions: list[int]) -> None:
-        async with self.lock:  # let the batch in flight finish
-            for p in partitions:
-                self.ready[p] = asyncio.Event()
-            gone = [d for d, p in self.partition_of.items() if p in partitions]
-            for device in gone:
-                self.states.pop(device, None)
-                self.partition_of.pop(device, None)
-                self.settled.discard(device)
+            log.info("rule %s (%s) set; %d rules", rule_id, rule.name, len(self.rules))
 
     async def evaluate(self, records: tuple[ConsumerRecord[bytes, bytes], ...]) -> None:
         self.backlogged = len(records) >= self.s.alerter_max_records
-        for p in {rec.partition for rec in records}:
-            # records can arrive before the assignment's state is restored; a timeout
-            # fails the batch, which FastStream then redelivers
-            await asyncio.wait_for(self.ready.setdefault(p, asyncio.Event()).wait(), timeout=30)
-        async with self.lock:
-            events: list[AlertEvent] = []
-            changed: dict[str, DeviceState] = {}
-            for rec in records:
-                device = (rec.key or b"").decode()
-                try:
-                    readings = self.batch_decoder.decode(rec.value or b"").readings
-                except msgspec.MsgspecError as exc:
-                    log.error("skipped undecodable record @%d: %s", rec.offset, exc)
-                    continue
-                self.settled.discard(device)
-                state = self.states.get(device)
-                if state is None:
-                    first = readings[0]
-                    state = DeviceState(first.device_id, first.site_id, first.device_type)
-                    self.states[device] = state
-                if rec.offset <= state.last_offset:
-                    RECORDS.labels(self.group, "replayed").inc()
-                    continue  # evaluated before a crash: its events were already sent
-                for reading in readings:
-                    events.extend(evaluate_reading(self.rules, reading, state))
-                state.last_offset = rec.offset
-                self.partition_of[device] = rec.partition
-                changed[device] = state
-                RECORDS.labels(self.group, "evaluated").inc()
-            await self.emit(events, changed)
+        await self.shell.process(records, self.step)
 
-    async def emit(self, events: list[AlertEvent], changed: dict[str, DeviceState]) -> None:
-        """Send alert events and the new device states; return once all are acknowledged."""
-        producer = self.producer.producer
-        assert producer is not None
-        futures = []
+    def step(
+        self, rec: ConsumerRecord[bytes, bytes], states: KeyedState[DeviceState], now: datetime
+    ) -> list[Output]:
+        """One record of one device's readings: its alert events, its new state."""
+        device = (rec.key or b"").decode()
         try:
-            for e in events:
-                log.info("alert %s %s: %s %s", e.kind, e.alert_id, e.device_id, e.message)
-                futures.append(
-                    await producer.send(
-                        self.alerts_topic, msgspec.json.encode(e), key=e.device_id.encode()
-                    )
-                )
-            for device, state in changed.items():
-                futures.append(
-                    await producer.send(
-                        self.state_topic,
-                        msgspec.json.encode(state),
-                        key=device.encode(),
-                        partition=self.partition_of[device],
-                    )
-                )
-            await asyncio.gather(*futures)
-        except KafkaError:
-            await self.producer.renew_if_broken()
-            raise
+            readings = self.batch_decoder.decode(rec.value or b"").readings
+        except msgspec.MsgspecError as exc:
+            raise Unprocessable(str(exc)) from exc
+        self.settled.discard(device)
+        state = states.get(device)
+        if state is None:
+            first = readings[0]
+            state = DeviceState(first.device_id, first.site_id, first.device_type)
+        if rec.offset <= state.last_offset:
+            RECORDS.labels(self.group, "replayed").inc()
+            return []  # evaluated before a crash: its events were already sent
+        events = [e for reading in readings for e in evaluate_reading(self.rules, reading, state)]
+        state.last_offset = rec.offset
+        states.set(device, state, rec.partition)
+        RECORDS.labels(self.group, "evaluated").inc()
+        return self.outputs(events)
 
-    async def tick(self) -> None:
+    def tick(self, states: KeyedState[DeviceState], now: datetime) -> list[Output]:
         """Offline rules fire on time passing; skipped while readings are backlogged, when a
         device's latest reading may simply not have been read yet."""
-        while True:
-            await asyncio.sleep(TICK_S)
-            if self.backlogged or not self.rules_ready.is_set():
+        if self.backlogged or not self.rules_ready.is_set():
+            return []
+        silence = shortest_silence(self.rules)
+        if silence is None:
+            return []
+        recent = now - timedelta(seconds=silence)
+        events: list[AlertEvent] = []
+        for device, state in states.items():
+            if device in self.settled:
                 continue
-            try:
-                async with self.lock:
-                    now = datetime.now(UTC)
-                    silences = [r.silent_s for r in self.rules.values() if r.kind == "offline"]
-                    if not silences:
-                        continue
-                    recent = now - timedelta(seconds=min(s for s in silences if s is not None))
-                    events: list[AlertEvent] = []
-                    changed: dict[str, DeviceState] = {}
-                    for device, state in self.states.items():
-                        if device in self.settled:
-                            continue
-                        if state.last_ts is not None and state.last_ts >= recent:
-                            continue  # reported lately: no offline rule can fire
-                        found = evaluate_silence(self.rules, state, now)
-                        if found:
-                            events.extend(found)
-                            changed[device] = state
-                        if silence_settled(self.rules, state):
-                            self.settled.add(device)
-                    if events:
-                        await self.emit(events, changed)
-            except KafkaError as exc:
-                log.warning("offline evaluation could not be sent: %r", exc)
+            if state.last_ts is not None and state.last_ts >= recent:
+                continue  # reported lately: no offline rule can fire
+            found = evaluate_silence(self.rules, state, now)
+            if found:
+                events.extend(found)
+                states.set(device, state)
+            if silence_settled(self.rules, state):
+                self.settled.add(device)
+        return self.outputs(events)
+
+    def outputs(self, events: list[AlertEvent]) -> list[Output]:
+        for e in events:
+            log.info("alert %s %s: %s %s", e.kind, e.alert_id, e.device_id, e.message)
+        return [
+            Output(self.alerts_topic, e.device_id.encode(), msgspec.json.encode(e)) for e in events
+        ]
 
 
 def create_app(s: Settings) -> FastStream:
@@ -249,7 +187,7 @@ def create_app(s: Settings) -> FastStream:
         fetch_min_bytes=s.consumer_fetch_min_bytes,
         fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
         auto_offset_reset="latest",  # a new group judges the present, not a week of history
-        listener=StateListener(alerter),
+        listener=StateListener(alerter.shell),
     )
     async def evaluate_alert_rules(body: Any, msg: KafkaMessage) -> None:
         """Validated readings, evaluated against every alert rule that applies."""
@@ -261,7 +199,7 @@ def create_app(s: Settings) -> FastStream:
         "by device id; the alert id is stable across replays.",
     )
     broker.publisher(
-        alerter.state_topic,
+        alerter.shell.changelog,
         description="Compacted changelog of per-device alert state, keyed by device id.",
     )
     app = FastStream(broker)

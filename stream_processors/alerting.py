@@ -4,17 +4,33 @@ State is kept per device (`DeviceState`), with one `RuleState` per rule that con
 device. `evaluate_reading` and `evaluate_silence` update the state they are given in place and
 return the events to emit. Alert ids are derived from rule, device and the start of the
 episode, so evaluating the same readings again yields the same ids.
+
+Rules are given as `{rule id: rule}`; each kind of rule (`contracts.alerting`) has its own
+evaluation, chosen by matching on the rule's type: a reading for the metric kinds
+(`_threshold`, `_rate_of_change`), the passing of time for `offline` (`evaluate_silence`).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import msgspec
 
 from contracts import Reading
-from contracts.alerting import AlertEvent, AlertEventKind, AlertRuleRecord, Severity
+from contracts.alerting import (
+    AlertEvent,
+    AlertEventKind,
+    AlertRuleSpec,
+    OfflineRule,
+    RateOfChangeRule,
+    Severity,
+    ThresholdRule,
+)
+
+Rules = dict[str, AlertRuleSpec]  # by rule id
 
 _ID_NAMESPACE = uuid.UUID("6f3c1d52-8a43-4a4f-9a55-3f3c0b5d2e11")
 
@@ -42,7 +58,7 @@ def alert_id(rule_id: str, device_id: str, start: datetime) -> str:
     )
 
 
-def applies(rule: AlertRuleRecord, state: DeviceState) -> bool:
+def applies(rule: AlertRuleSpec, state: DeviceState) -> bool:
     scope = rule.scope
     return rule.enabled and (
         (scope.device_id is None or scope.device_id == state.device_id)
@@ -51,15 +67,15 @@ def applies(rule: AlertRuleRecord, state: DeviceState) -> bool:
     )
 
 
-def _breaches(rule: AlertRuleRecord, value: float) -> bool:
+def _breaches(rule: ThresholdRule, value: float) -> bool:
     if rule.op == "outside":
-        assert rule.low is not None and rule.high is not None
+        assert rule.low is not None and rule.high is not None  # ThresholdRule.problems
         return value < rule.low or value > rule.high
     assert rule.threshold is not None
     return value > rule.threshold if rule.op == "gt" else value < rule.threshold
 
 
-def _clears(rule: AlertRuleRecord, value: float) -> bool:
+def _clears(rule: ThresholdRule, value: float) -> bool:
     """Hysteresis: an open alert clears only past `clear_threshold` (default: threshold)."""
     if rule.op == "outside":
         assert rule.low is not None and rule.high is not None
@@ -69,8 +85,7 @@ def _clears(rule: AlertRuleRecord, value: float) -> bool:
     return value <= limit if rule.op == "gt" else value >= limit
 
 
-def _rate(rule: AlertRuleRecord, rs: RuleState, ts: datetime, value: float) -> float | None:
-    assert rule.window_s is not None
+def _rate(rule: RateOfChangeRule, rs: RuleState, ts: datetime, value: float) -> float | None:
     horizon = ts - timedelta(seconds=rule.window_s)
     rs.samples = [(t, v) for t, v in rs.samples if t >= horizon]
     rs.samples.append((ts, value))
@@ -79,8 +94,7 @@ def _rate(rule: AlertRuleRecord, rs: RuleState, ts: datetime, value: float) -> f
     return (value - v0) / dt if dt > 0 else None
 
 
-def _rate_breaches(rule: AlertRuleRecord, rate: float) -> bool:
-    assert rule.threshold is not None
+def _rate_breaches(rule: RateOfChangeRule, rate: float) -> bool:
     if rule.op == "lt":
         return rate < -rule.threshold
     if rule.op == "gt":
@@ -113,7 +127,8 @@ def _event(
 
 
 def _open(
-    rule: AlertRuleRecord,
+    rule_id: str,
+    rule: AlertRuleSpec,
     rs: RuleState,
     state: DeviceState,
     start: datetime,
@@ -121,9 +136,9 @@ def _open(
     value: float | None,
     message: str,
 ) -> AlertEvent:
-    rs.open_id = alert_id(rule.id, state.device_id, start)
+    rs.open_id = alert_id(rule_id, state.device_id, start)
     rs.rule_name, rs.severity, rs.pending_since = rule.name, rule.severity, None
-    return _event("opened", rule.id, rs, state, at, value, message)
+    return _event("opened", rule_id, rs, state, at, value, message)
 
 
 def _close(
@@ -134,48 +149,74 @@ def _close(
     return event
 
 
-def _describe(rule: AlertRuleRecord, value: float) -> str:
-    if rule.kind == "rate_of_change":
-        return f"{rule.metric} changing at {value:.4g}/s (limit {rule.threshold:g}/s)"
-    if rule.op == "outside":
-        return f"{rule.metric} {value:g} outside [{rule.low:g}, {rule.high:g}]"
-    word = "above" if rule.op == "gt" else "below"
-    return f"{rule.metric} {value:g} {word} {rule.threshold:g}"
-
-
-def _metric_rule(
-    rule: AlertRuleRecord, rs: RuleState, state: DeviceState, reading: Reading
+def _threshold(
+    rule_id: str, rule: ThresholdRule, rs: RuleState, state: DeviceState, reading: Reading
 ) -> AlertEvent | None:
-    value = getattr(reading, rule.metric or "", None)
+    value = getattr(reading, rule.metric)
     if value is None:
         return None
-    ts = reading.ts
-    if rule.kind == "rate_of_change":
-        rate = _rate(rule, rs, ts, value)
-        if rate is None:
-            return None
-        breach, clear, shown = _rate_breaches(rule, rate), not _rate_breaches(rule, rate), rate
-    else:
-        breach, clear, shown = _breaches(rule, value), _clears(rule, value), value
     if rs.open_id is not None:
         return (
-            _close(rule.id, rs, state, ts, value, f"back to normal: {rule.metric} {value:g}")
-            if clear
+            _back_to_normal(rule_id, rule, rs, state, reading.ts, value)
+            if _clears(rule, value)
             else None
         )
+    if not _breach_lasted(rule, rs, reading.ts, _breaches(rule, value)):
+        return None
+    if rule.op == "outside":
+        message = f"{rule.metric} {value:g} outside [{rule.low:g}, {rule.high:g}]"
+    else:
+        word = "above" if rule.op == "gt" else "below"
+        message = f"{rule.metric} {value:g} {word} {rule.threshold:g}"
+    return _open(
+        rule_id, rule, rs, state, rs.pending_since or reading.ts, reading.ts, value, message
+    )
+
+
+def _rate_of_change(
+    rule_id: str, rule: RateOfChangeRule, rs: RuleState, state: DeviceState, reading: Reading
+) -> AlertEvent | None:
+    value = getattr(reading, rule.metric)
+    if value is None:
+        return None
+    rate = _rate(rule, rs, reading.ts, value)
+    if rate is None:
+        return None
+    breach = _rate_breaches(rule, rate)
+    if rs.open_id is not None:
+        return None if breach else _back_to_normal(rule_id, rule, rs, state, reading.ts, value)
+    if not _breach_lasted(rule, rs, reading.ts, breach):
+        return None
+    message = f"{rule.metric} changing at {rate:.4g}/s (limit {rule.threshold:g}/s)"
+    return _open(
+        rule_id, rule, rs, state, rs.pending_since or reading.ts, reading.ts, value, message
+    )
+
+
+def _breach_lasted(
+    rule: ThresholdRule | RateOfChangeRule, rs: RuleState, ts: datetime, breach: bool
+) -> bool:
+    """A metric rule without an open alert: has the breach now lasted `for_s`?"""
     if not breach:
         rs.pending_since = None
-        return None
+        return False
     if rs.pending_since is None:
         rs.pending_since = ts
-    if (ts - rs.pending_since).total_seconds() >= (rule.for_s or 0):
-        return _open(rule, rs, state, rs.pending_since, ts, value, _describe(rule, shown))
-    return None
+    return (ts - rs.pending_since).total_seconds() >= (rule.for_s or 0)
 
 
-def _drop_stale_rules(
-    active: dict[str, AlertRuleRecord], state: DeviceState, at: datetime
-) -> list[AlertEvent]:
+def _back_to_normal(
+    rule_id: str,
+    rule: ThresholdRule | RateOfChangeRule,
+    rs: RuleState,
+    state: DeviceState,
+    at: datetime,
+    value: float,
+) -> AlertEvent:
+    return _close(rule_id, rs, state, at, value, f"back to normal: {rule.metric} {value:g}")
+
+
+def _drop_stale_rules(active: Rules, state: DeviceState, at: datetime) -> list[AlertEvent]:
     """Close what rules that no longer concern the device left open, and forget them."""
     events = []
     for rule_id in [r for r in state.rules if r not in active]:
@@ -187,52 +228,73 @@ def _drop_stale_rules(
     return events
 
 
-def evaluate_reading(
-    rules: dict[str, AlertRuleRecord], reading: Reading, state: DeviceState
-) -> list[AlertEvent]:
+def _reporting_again(
+    rule_id: str, rule: OfflineRule, rs: RuleState, state: DeviceState, reading: Reading
+) -> AlertEvent | None:
+    if rs.open_id is None:
+        return None
+    return _close(rule_id, rs, state, reading.ts, None, "reporting again")
+
+
+# What a reading does to a rule, by kind: a table rather than `match`, whose class patterns
+# cost 0.2 us each per rule and reading.
+OnReading = Callable[[str, Any, RuleState, DeviceState, Reading], AlertEvent | None]
+ON_READING: Final[dict[type[AlertRuleSpec], OnReading]] = {
+    ThresholdRule: _threshold,
+    RateOfChangeRule: _rate_of_change,
+    OfflineRule: _reporting_again,
+}
+
+
+def evaluate_reading(rules: Rules, reading: Reading, state: DeviceState) -> list[AlertEvent]:
     """Apply one reading of `state`'s device to every rule; return the alert edges it causes."""
     if state.last_ts is not None and reading.ts < state.last_ts:
         return []  # an older reading arriving late says nothing about the present
     state.site_id = reading.site_id
     active = {rule_id: rule for rule_id, rule in rules.items() if applies(rule, state)}
     events = _drop_stale_rules(active, state, reading.ts)
-    for rule in active.values():
-        rs = state.rules.setdefault(rule.id, RuleState())
-        if rule.kind == "offline":
-            if rs.open_id is not None:
-                events.append(_close(rule.id, rs, state, reading.ts, None, "reporting again"))
-            continue
-        event = _metric_rule(rule, rs, state, reading)
+    for rule_id, rule in active.items():
+        rs = state.rules.setdefault(rule_id, RuleState())
+        event = ON_READING[type(rule)](rule_id, rule, rs, state, reading)
         if event is not None:
             events.append(event)
     state.last_ts = reading.ts
     return events
 
 
-def silence_settled(rules: dict[str, AlertRuleRecord], state: DeviceState) -> bool:
+def _offline_rules(rules: Rules, state: DeviceState) -> dict[str, OfflineRule]:
+    return {
+        rule_id: rule
+        for rule_id, rule in rules.items()
+        if isinstance(rule, OfflineRule) and applies(rule, state)
+    }
+
+
+def silence_settled(rules: Rules, state: DeviceState) -> bool:
     """Every offline rule that concerns the device has its alert open: until the device
     reports again or the rules change, `evaluate_silence` has nothing more to say about it."""
     return all(
-        (rs := state.rules.get(rule.id)) is not None and rs.open_id is not None
-        for rule in rules.values()
-        if rule.kind == "offline" and applies(rule, state)
+        (rs := state.rules.get(rule_id)) is not None and rs.open_id is not None
+        for rule_id in _offline_rules(rules, state)
     )
 
 
-def evaluate_silence(
-    rules: dict[str, AlertRuleRecord], state: DeviceState, now: datetime
-) -> list[AlertEvent]:
+def shortest_silence(rules: Rules) -> float | None:
+    """The shortest silence any rule alerts on, None without offline rules: a device that
+    reported more recently cannot be alerted on for silence."""
+    silences = [rule.silent_s for rule in rules.values() if isinstance(rule, OfflineRule)]
+    return min(silences, default=None)
+
+
+def evaluate_silence(rules: Rules, state: DeviceState, now: datetime) -> list[AlertEvent]:
     """Open offline alerts for a device silent longer than a rule's `silent_s`."""
     if state.last_ts is None:
         return []
     events = []
     silent = (now - state.last_ts).total_seconds()
-    for rule in rules.values():
-        if rule.kind != "offline" or not applies(rule, state):
-            continue
-        rs = state.rules.setdefault(rule.id, RuleState())
-        assert rule.silent_s is not None
+    for rule_id, rule in _offline_rules(rules, state).items():
+        rs = state.rules.setdefault(rule_id, RuleState())
         if rs.open_id is None and silent > rule.silent_s:
             message = f"no reading for {silent:.0f} s (limit {rule.silent_s:g} s)"
-            events.append(_open(rule, rs, state, state.last_ts, now, None, message))
+            events.append(_open(rule_id, rule, rs, state, state.last_ts, now, None, message))
     return events

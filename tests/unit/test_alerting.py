@@ -11,7 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contracts import Reading
-from contracts.alerting import AlertEvent, AlertRuleRecord, Op, RuleKind, RuleScope, Severity
+from contracts.alerting import (
+    AlertEvent,
+    AlertRuleSpec,
+    OfflineRule,
+    Op,
+    RateOfChangeRule,
+    RuleKind,
+    RuleScope,
+    Severity,
+    ThresholdRule,
+)
 from contracts.readings import DeviceType
 from stream_processors.alerting import (
     DeviceState,
@@ -60,23 +70,36 @@ def rule(
     kind: RuleKind = "threshold",
     name: str | None = None,
     severity: Severity = "major",
-    metric: str | None = "temperature_c",
+    metric: str = "temperature_c",
     op: Op | None = "gt",
     threshold: float | None = 80.0,
     low: float | None = None,
     high: float | None = None,
     clear_threshold: float | None = None,
     for_s: float | None = None,
-    window_s: float | None = None,
-    silent_s: float | None = None,
+    window_s: float = 60.0,
+    silent_s: float = 300.0,
     scope: RuleScope | None = None,
     enabled: bool = True,
-) -> AlertRuleRecord:
-    return AlertRuleRecord(
-        id=id,
-        name=name if name is not None else f"rule {id}",
-        kind=kind,
-        severity=severity,
+) -> AlertRuleSpec:
+    name = name if name is not None else f"rule {id}"
+    scope = scope if scope is not None else RuleScope()
+    common = {"id": id, "name": name, "severity": severity, "scope": scope, "enabled": enabled}
+    if kind == "offline":
+        return OfflineRule(**common, silent_s=silent_s)  # type: ignore[arg-type]
+    if kind == "rate_of_change":
+        assert op != "outside" and threshold is not None
+        return RateOfChangeRule(
+            **common,  # type: ignore[arg-type]
+            metric=metric,
+            op=op,
+            threshold=threshold,
+            window_s=window_s,
+            for_s=for_s,
+        )
+    assert op is not None
+    return ThresholdRule(
+        **common,  # type: ignore[arg-type]
         metric=metric,
         op=op,
         threshold=threshold,
@@ -84,16 +107,12 @@ def rule(
         high=high,
         clear_threshold=clear_threshold,
         for_s=for_s,
-        window_s=window_s,
-        silent_s=silent_s,
-        scope=scope if scope is not None else RuleScope(),
-        enabled=enabled,
     )
 
 
 def outside_rule(
     id: str = "r1", low: float = 10.0, high: float = 50.0, for_s: float | None = None
-) -> AlertRuleRecord:
+) -> AlertRuleSpec:
     return rule(id, op="outside", threshold=None, low=low, high=high, for_s=for_s)
 
 
@@ -105,7 +124,7 @@ def rate_rule(
     window_s: float = 60.0,
     for_s: float | None = None,
     metric: str = "temperature_c",
-) -> AlertRuleRecord:
+) -> AlertRuleSpec:
     return rule(
         id,
         kind="rate_of_change",
@@ -123,21 +142,12 @@ def offline_rule(
     *,
     scope: RuleScope | None = None,
     enabled: bool = True,
-) -> AlertRuleRecord:
-    return rule(
-        id,
-        kind="offline",
-        metric=None,
-        op=None,
-        threshold=None,
-        silent_s=silent_s,
-        scope=scope,
-        enabled=enabled,
-    )
+) -> AlertRuleSpec:
+    return rule(id, kind="offline", silent_s=silent_s, scope=scope, enabled=enabled)
 
 
-def rules_of(*rules: AlertRuleRecord) -> dict[str, AlertRuleRecord]:
-    return {r.id: r for r in rules}
+def rules_of(*rules: AlertRuleSpec) -> dict[str, AlertRuleSpec]:
+    return {r.id or "": r for r in rules}
 
 
 def fresh(
@@ -147,7 +157,7 @@ def fresh(
 
 
 def feed(
-    rules: dict[str, AlertRuleRecord],
+    rules: dict[str, AlertRuleSpec],
     readings: Iterable[Reading],
     state: DeviceState | None = None,
 ) -> list[AlertEvent]:
