@@ -2,6 +2,7 @@
 
 from contracts.readings import (
     DEVICE_TYPES,
+    METRIC_RANGES,
     METRICS,
     DeviceType,
     Reading,
@@ -14,6 +15,7 @@ from contracts.topics import Events, Groups, Headers, Streams, Topics
 __all__ = [
     "DEVICE_TYPES",
     "METRICS",
+    "METRIC_RANGES",
     "DeviceType",
     "Events",
     "Groups",

@@ -16,10 +16,10 @@ from query_api.pagination import MAX_LIMIT, decode_cursor, page_of
 from query_api.services import Services
 from runtime.http import problem
 
-DEVICE_SQL = """
+DEVICE_SQL = f"""
 SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
        d.last_seen > now() - make_interval(secs => %(offline_after)s) AS online,
-       l.ts, l.voltage_v, l.current_a, l.frequency_hz, l.power_kw, l.soc_pct, l.temperature_c
+       l.ts, {", ".join(f"l.{m}" for m in METRICS)}
 FROM devices d LEFT JOIN device_latest l USING (device_id)
 WHERE (%(site_id)s::text IS NULL OR d.site_id = %(site_id)s)
   AND (%(device_type)s::text IS NULL OR d.device_type = %(device_type)s)
