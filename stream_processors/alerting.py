@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import msgspec
 
@@ -244,6 +244,7 @@ ON_READING: Final[dict[type[AlertRuleSpec], OnReading]] = {
     RateOfChangeRule: _rate_of_change,
     OfflineRule: _reporting_again,
 }
+assert set(ON_READING) == set(get_args(AlertRuleSpec)), "every kind of rule needs its entry"
 
 
 def evaluate_reading(rules: Rules, reading: Reading, state: DeviceState) -> list[AlertEvent]:

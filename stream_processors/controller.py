@@ -47,6 +47,7 @@ class Controller:
             state_type=CommandState,
             lag_topic=self.commands_topic,
             metrics_port=s.controller_metrics_port,
+            on_sent=self.count_transitions,
         )
         self.shell.every(TICK_S, self.tick)
         self.request_decoder = msgspec.json.Decoder(CommandRequested)
@@ -109,8 +110,11 @@ class Controller:
                 f" ({e.reason})" if e.reason else "",
             )
             outputs.append(Output(self.events_topic, e.device_id.encode(), msgspec.json.encode(e)))
-        RECORDS.labels(self.group, "transitions").inc(len(events))
         return outputs
+
+    def count_transitions(self, sent: list[Output]) -> None:
+        transitions = sum(1 for o in sent if o.topic == self.events_topic)
+        RECORDS.labels(self.group, "transitions").inc(transitions)
 
 
 def create_app(s: Settings) -> FastStream:

@@ -10,7 +10,8 @@ result]`. The shell owns everything around them:
 - fencing: a record of a partition this member no longer owns is neither processed nor lets
   anything be written, so a member that lost a partition cannot write after its successor;
 - commit: a step's outputs are sent first, and the states they imply are written to the
-  changelog only once the broker acknowledged every output;
+  changelog only once the broker acknowledged every output; when sending fails, or a step
+  raises, the batch's changed states are not written (FastStream redelivers the batch);
 - per-record rejection: a step raises `Unprocessable` for a record it cannot use; the shell
   logs and counts it, and processing goes on with the next record;
 - timers, run under the same lock as the records and committed the same way.
@@ -119,6 +120,7 @@ class StatefulShell(Generic[S]):
         lag_topic: str,
         metrics_port: int,
         on_forget: Callable[[list[str]], None] | None = None,
+        on_sent: Callable[[list[Output]], None] | None = None,
     ) -> None:
         self.s = s
         self.name = name
@@ -127,6 +129,7 @@ class StatefulShell(Generic[S]):
         self.lag_topic = lag_topic
         self.metrics_port = metrics_port
         self.on_forget = on_forget
+        self.on_sent = on_sent
         self.state: KeyedState[S] = KeyedState()
         self.producer = RenewableProducer(s, f"microgrid-{name}-out")
         self.lock = asyncio.Lock()
@@ -178,7 +181,9 @@ class StatefulShell(Generic[S]):
         async with self.lock:  # let the batch in flight finish first
             self.owned.difference_update(partitions)
             for p in partitions:
-                self.ready[p] = asyncio.Event()
+                old, self.ready[p] = self.ready.get(p), asyncio.Event()
+                if old is not None:
+                    old.set()  # a batch waiting on it looks again, at the new event
             gone = self.state._drop(set(partitions))
         if self.on_forget is not None:
             self.on_forget(gone)
@@ -188,40 +193,57 @@ class StatefulShell(Generic[S]):
     async def process(self, records: tuple[Record, ...], step: Step[S]) -> None:
         """Apply `step` to each record and commit; return once everything is acknowledged.
         A failure raises, and FastStream redelivers the batch."""
-        for p in {rec.partition for rec in records}:
-            # records can arrive before the assignment's state is restored; a timeout
-            # fails the batch, which FastStream then redelivers
-            event = self.ready.setdefault(p, asyncio.Event())
-            await asyncio.wait_for(event.wait(), timeout=READY_TIMEOUT_S)
+        await self._wait_ready({rec.partition for rec in records})
         async with self.lock:
             now = datetime.now(UTC)
             outputs: list[Output] = []
-            for rec in records:
-                if rec.partition not in self.owned:  # revoked while this batch waited
-                    RECORDS.labels(self.group, "fenced").inc()
-                    continue
-                try:
-                    outputs.extend(step(rec, self.state, now))
-                except Unprocessable as exc:
-                    log.error(
-                        "%s skipped %s[%d]@%d: %s",
-                        self.name,
-                        rec.topic,
-                        rec.partition,
-                        rec.offset,
-                        exc,
-                    )
-                    RECORDS.labels(self.group, "undecodable").inc()
+            try:
+                for rec in records:
+                    if rec.partition not in self.owned:  # revoked while this batch waited
+                        RECORDS.labels(self.group, "fenced").inc()
+                        continue
+                    try:
+                        outputs.extend(step(rec, self.state, now))
+                    except Unprocessable as exc:
+                        log.error(
+                            "%s skipped %s[%d]@%d: %s",
+                            self.name,
+                            rec.topic,
+                            rec.partition,
+                            rec.offset,
+                            exc,
+                        )
+                        RECORDS.labels(self.group, "undecodable").inc()
+            except BaseException:
+                self.state._take_changes()  # nothing of a failed batch reaches the changelog
+                raise
             await self._commit(outputs)
+
+    async def _wait_ready(self, partitions: set[int]) -> None:
+        """Until each partition's state is restored; records can arrive before. A timeout
+        fails the batch, which FastStream then redelivers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT_S
+        for p in partitions:
+            while not (event := self.ready.setdefault(p, asyncio.Event())).is_set():
+                await asyncio.wait_for(event.wait(), timeout=max(0.0, deadline - loop.time()))
 
     async def _run_timer(self, interval_s: float, timer: Timer[S]) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            try:
-                async with self.lock:
-                    await self._commit(timer(self.state, datetime.now(UTC)))
-            except KafkaError as exc:
-                log.warning("%s: a timer's outputs could not be sent: %r", self.name, exc)
+            async with self.lock:
+                try:
+                    outputs = timer(self.state, datetime.now(UTC))
+                except Exception:
+                    self.state._take_changes()
+                    log.exception(
+                        "%s: a timer failed; it runs again in %g s", self.name, interval_s
+                    )
+                    continue
+                try:
+                    await self._commit(outputs)
+                except KafkaError as exc:
+                    log.warning("%s: a timer's outputs could not be sent: %r", self.name, exc)
 
     async def _commit(self, outputs: list[Output]) -> None:
         """Send the outputs; once all are acknowledged, write the changed states."""
@@ -244,6 +266,7 @@ class StatefulShell(Generic[S]):
             ]
             await asyncio.gather(*logged)
         except KafkaError:
-            self.state._changed = {**changed, **self.state._changed}  # still to be written
             await self.producer.renew_if_broken()
             raise
+        if self.on_sent is not None:
+            self.on_sent(outputs)
