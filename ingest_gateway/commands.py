@@ -49,7 +49,8 @@ class DeviceCommands:
         self.ack_timeout_s = gateway.s.ingest_ack_timeout_ms / 1000
 
     async def site_of_key(self, request: Request[Any, Any, Any]) -> str:
-        return await self.gateway.authenticate(request.headers.get("authorization", ""))
+        key = await self.gateway.authenticate(request.headers.get("authorization", ""))
+        return key.site
 
     async def site_of_device(self, device_id: str) -> str | None:
         async with self.gateway.pool.connection() as conn:

@@ -3,7 +3,9 @@
 A device key names a site; readings are decoded and checked (types and ranges by msgspec, the
 time window and the site here), grouped by device and produced to `telemetry.raw`, and the
 request is answered 202 only once the broker acknowledged every record (acks=all, idempotent
-producer). Overload and broker trouble are problems with status 503 and `Retry-After`.
+producer). Overload, rate limits and broker trouble are problems with status 503 or 429 and
+`Retry-After`, whose member `outcome` says what was stored: "not stored" (refused before
+production) or "unknown" (the broker failed or timed out during production).
 `app.py` (Litestar) and `fastpath.py` (the ingest routes' hot path) only wire it.
 """
 
@@ -20,7 +22,8 @@ from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
 from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
-from ingest_gateway.keys import KeyStore, KeyStoreUnavailable
+from ingest_gateway.keys import Key, KeyStore, KeyStoreUnavailable
+from ingest_gateway.rate_limits import RateLimits
 from runtime.http import postgres_check, problem
 from runtime.kafka import KafkaProbe, RenewableProducer
 from runtime.settings import Settings
@@ -77,7 +80,9 @@ class Gateway:
             max_age=timedelta(seconds=settings.max_reading_age_s),
         )
         self.inflight = 0
+        self.inflight_bytes = 0
         self.retry_after = "1"
+        self.limits = RateLimits(settings)
 
     async def start(self) -> None:
         await self.pool.open()
@@ -103,7 +108,7 @@ class Gateway:
         """Everything a POST to an ingest route does after the body is read: the device key,
         the readings, their time window and site, and the broker's acknowledgement. Returns how
         many readings were accepted; raises a problem (`runtime.http.problem`) otherwise."""
-        site = await self.authenticate(authorization)
+        key = await self.authenticate(authorization)
         if batch:
             readings = decode_body(body, ReadingBatch).readings
             if len(readings) > self.s.ingest_max_batch:
@@ -116,11 +121,13 @@ class Gateway:
                 )
         else:
             readings = [decode_body(body, Reading)]
-        self.check(readings, site)
-        await self.publish(readings)
+        self.check(readings, key.site)
+        if self.limits.enabled:
+            await self.limits.check(key.id, key.site, len(readings))
+        await self.publish(readings, len(body))
         return len(readings)
 
-    async def authenticate(self, authorization: str) -> str:
+    async def authenticate(self, authorization: str) -> Key:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key:
             raise problem(
@@ -130,22 +137,23 @@ class Gateway:
                 headers={"WWW-Authenticate": 'Bearer realm="ingest"'},
             )
         try:
-            site = await self.keys.site_for(key.strip())
+            found = await self.keys.lookup(key.strip())
         except KeyStoreUnavailable as exc:
             raise problem(
                 503,
                 "Key store unavailable",
-                "device keys cannot be checked right now",
+                "device keys cannot be checked right now; nothing was stored",
                 headers={"Retry-After": self.retry_after},
+                outcome=NOT_STORED,
             ) from exc
-        if site is None:
+        if found is None:
             raise problem(
                 401,
                 "Invalid device key",
                 "the key is unknown or revoked",
                 headers={"WWW-Authenticate": 'Bearer realm="ingest", error="invalid_token"'},
             )
-        return site
+        return found
 
     def check(self, readings: list[Reading], site: str) -> None:
         now = datetime.now(UTC)
@@ -164,16 +172,42 @@ class Gateway:
                 f"this key belongs to site {site!r}; refused readings for {', '.join(foreign)}",
             )
 
-    async def publish(self, readings: list[Reading]) -> None:
-        n = len(readings)
-        if self.inflight + n > self.s.ingest_max_inflight_readings:
+    def admit(self, readings: int, size: int) -> None:
+        """Take room for a request in this worker's in-flight bounds, or refuse it (503)."""
+        s = self.s
+        if (
+            self.inflight + readings > s.ingest_max_inflight_readings
+            or self.inflight_bytes + size > s.ingest_max_inflight_bytes
+        ) and self.inflight:  # an idle worker takes any request the size limits let in
             raise problem(
                 503,
                 "Gateway overloaded",
-                "too many readings awaiting broker acknowledgement; retry later",
+                "too many readings awaiting broker acknowledgement; nothing of this request "
+                "was stored: retry later",
                 headers={"Retry-After": self.retry_after},
+                outcome=NOT_STORED,
             )
-        self.inflight += n
+        self.inflight += readings
+        self.inflight_bytes += size
+
+    def release(self, readings: int, size: int) -> None:
+        self.inflight -= readings
+        self.inflight_bytes -= size
+
+    async def publish(self, readings: list[Reading], size: int) -> None:
+        """Produce the readings, one record per device, and wait for the broker's
+        acknowledgement of every record (202), at most `INGEST_ACK_TIMEOUT_MS` from here.
+
+        Refused before anything is handed to the producer, nothing is stored (503, outcome
+        "not stored"). Once records are handed over, only a broker failure or the timeout
+        leaves the outcome open (503, outcome "unknown"); a retry is then harmless, since
+        the projection stores each reading identity once. The request's room in the
+        in-flight bounds is given back when the producer is done with its records, not
+        before: those bounds also bound the producer's memory.
+        """
+        n = len(readings)
+        self.admit(n, size)
+        handed: list[asyncio.Future[object]] = []
         try:
             by_device: dict[str, list[Reading]] = {}
             for r in readings:
@@ -182,25 +216,46 @@ class Gateway:
                 await self.window.wait()
                 producer = self.producer.producer
                 assert producer is not None, "the app's lifespan starts the producer"
-                futures = []
                 for device_id, group in by_device.items():
                     value = msgspec.json.encode(
                         group[0] if len(group) == 1 else ReadingBatch(readings=group)
                     )
-                    futures.append(await producer.send(self.topic, value, key=device_id.encode()))
-                await asyncio.gather(*futures)
+                    handed.append(await producer.send(self.topic, value, key=device_id.encode()))
+                settled = asyncio.gather(*handed, return_exceptions=True)
+                results = await asyncio.shield(settled)  # on timeout it goes on settling
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
         except (TimeoutError, KafkaError) as exc:
             log.warning("broker did not acknowledge %d readings: %r", n, exc)
             await self.producer.renew_if_broken()
+            if not handed:
+                raise problem(
+                    503,
+                    "Telemetry log unavailable",
+                    "the broker could not take the readings; nothing of this request was "
+                    "stored: retry later",
+                    headers={"Retry-After": self.retry_after},
+                    outcome=NOT_STORED,
+                ) from exc
             raise problem(
                 503,
                 "Telemetry log unavailable",
-                "the broker did not acknowledge every reading in time; some may still be "
-                "stored: retry the request",
+                "the broker did not acknowledge every reading in time; some may be stored: "
+                "retry the request (readings already stored are not stored twice)",
                 headers={"Retry-After": self.retry_after},
+                outcome=UNKNOWN,
             ) from exc
         finally:
-            self.inflight -= n
+            if all(f.done() for f in handed):
+                self.release(n, size)
+            else:
+                rest = asyncio.gather(*handed, return_exceptions=True)
+                rest.add_done_callback(lambda _: self.release(n, size))
+
+
+NOT_STORED = "not stored"
+UNKNOWN = "unknown"
 
 
 _Body = TypeVar("_Body", Reading, ReadingBatch)

@@ -72,6 +72,9 @@ class Projection(Generic[T]):
         committed (side effects that must not happen for a rolled-back poll)."""
         raise NotImplementedError
 
+    async def close(self) -> None:
+        """Release what the subclass holds besides the consumer and the connection."""
+
     async def run(self) -> None:
         self.conn = await psycopg.AsyncConnection.connect(self.s.database_url)
         self.consumer.subscribe([self.topic], listener=_StoredPositions(self))
@@ -94,6 +97,7 @@ class Projection(Generic[T]):
         finally:
             await self.consumer.stop()  # leaves the group
             await self.conn.close()
+            await self.close()
 
     async def load_positions(self, partitions: list[TopicPartition]) -> None:
         """Seek to the positions stored in PostgreSQL, moved into the log's current bounds."""

@@ -1,27 +1,48 @@
 """Telemetry projection: `telemetry.valid` -> devices, telemetry_readings, device_latest.
 
+A reading is stored once per identity `(device_id, ts)`; the first write wins. A repeat with
+the same values (a client's retry, a producer's retry, a redrive, a replay) is dropped and
+counted (`microgrid_readings_processed_total{outcome="duplicate"}`); one with other values is
+not stored either, but dead-lettered to `telemetry.dlq` with reason `conflicting duplicate`
+before the poll's transaction commits, so nothing is silently lost or silently changed.
+
 Also announces each device's latest reading on the live event stream, at most once per
 `DEVICE_LATEST_INTERVAL_S` per device.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from datetime import UTC, date
+from datetime import UTC, date, datetime
 
 import msgspec
 import psycopg
 from aiokafka import ConsumerRecord
 
-from contracts import Events, Groups, Reading, ReadingBatch, Topics
+from contracts import Events, Groups, Headers, Reading, ReadingBatch, Topics
 from projections import telemetry_store as store
 from projections.base import AfterCommit, Projection
 from runtime.events import EventStream
+from runtime.kafka import RenewableProducer
 from runtime.metrics import READINGS
 from runtime.settings import Settings
 
+log = logging.getLogger("microgrid.projector")
 
-class TelemetryProjection(Projection[list[Reading]]):
+CONFLICT_REASON = "conflicting duplicate"
+
+
+class Source(msgspec.Struct, frozen=True):
+    """The readings of one `telemetry.valid` record, with where the record is."""
+
+    partition: int
+    offset: int
+    readings: list[Reading]
+
+
+class TelemetryProjection(Projection[Source]):
     name = "telemetry"
 
     def __init__(self, s: Settings, events: EventStream) -> None:
@@ -35,19 +56,36 @@ class TelemetryProjection(Projection[list[Reading]]):
         self.days: set[date] = set()
         self.events = events
         self.announced: dict[str, float] = {}
+        self.dlq = s.topic(Topics.TELEMETRY_DLQ)
+        self.producer = RenewableProducer(s, "microgrid-projector-telemetry")  # started on need
+        self._counts = {
+            outcome: READINGS.labels(self.group, outcome)
+            for outcome in ("stored", "duplicate", "conflict")
+        }
 
-    def decode(self, rec: ConsumerRecord[bytes, bytes]) -> list[Reading]:
-        return self.decoder.decode(rec.value or b"").readings
+    def decode(self, rec: ConsumerRecord[bytes, bytes]) -> Source:
+        return Source(rec.partition, rec.offset, self.decoder.decode(rec.value or b"").readings)
 
-    async def apply(self, conn: psycopg.AsyncConnection, items: list[list[Reading]]) -> AfterCommit:
-        readings = [r for batch in items for r in batch]
-        new_days = {r.ts.astimezone(UTC).date() for r in readings} - self.days
+    async def close(self) -> None:
+        await self.producer.stop()
+
+    async def apply(self, conn: psycopg.AsyncConnection, items: list[Source]) -> AfterCommit:
+        fresh, repeats, conflicts = first_of_each_identity(items)
+        new_days = {r.ts.astimezone(UTC).date() for r in fresh} - self.days
         if new_days:
             await store.ensure_partitions(conn, new_days)
-        await store.write_readings(conn, readings)
-        latest = await store.upsert_devices(conn, readings)
+        written = await store.write_readings(conn, fresh)
+        if written.conflicts:  # rare: look up the records of the readings refused
+            refused = {id(r) for r in fresh if (r.device_id, r.ts) in written.conflicts}
+            conflicts += [(src, r) for src in items for r in src.readings if id(r) in refused]
+            fresh = [r for r in fresh if id(r) not in refused]
+        if conflicts:
+            await self.dead_letter(conflicts)  # acknowledged before the transaction commits
+        latest = await store.upsert_devices(conn, fresh) if fresh else []
         self.days |= new_days
-        READINGS.labels(self.group, "stored").inc(len(readings))
+        self._counts["stored"].inc(written.inserted)
+        self._counts["duplicate"].inc(repeats + written.repeats)
+        self._counts["conflict"].inc(len(conflicts))
 
         async def announce() -> None:
             now = time.monotonic()
@@ -61,3 +99,57 @@ class TelemetryProjection(Projection[list[Reading]]):
             await self.events.append([(Events.DEVICE_LATEST, r) for r in due])
 
         return announce
+
+    async def dead_letter(self, conflicts: list[tuple[Source, Reading]]) -> None:
+        if self.producer.producer is None:
+            await self.producer.start()
+        producer = self.producer.producer
+        assert producer is not None
+        pending = []
+        for src, r in conflicts:
+            log.warning(
+                "dead-lettered a conflicting duplicate of (%s, %s) from %s[%d]@%d",
+                r.device_id,
+                r.ts.isoformat(),
+                self.topic,
+                src.partition,
+                src.offset,
+            )
+            headers = [
+                (Headers.DLQ_REASON, CONFLICT_REASON.encode()),
+                (Headers.DLQ_SOURCE_TOPIC, self.topic.encode()),
+                (Headers.DLQ_SOURCE_PARTITION, str(src.partition).encode()),
+                (Headers.DLQ_SOURCE_OFFSET, str(src.offset).encode()),
+            ]
+            pending.append(
+                await producer.send(
+                    self.dlq, msgspec.json.encode(r), key=r.device_id.encode(), headers=headers
+                )
+            )
+        try:
+            await asyncio.gather(*pending)
+        except Exception:
+            await self.producer.renew_if_broken()
+            raise
+
+
+def first_of_each_identity(
+    items: list[Source],
+) -> tuple[list[Reading], int, list[tuple[Source, Reading]]]:
+    """The poll's readings with one per identity (the first in log order), how many later
+    ones repeated it with the same values, and those with other values (and their record)."""
+    first: dict[tuple[str, datetime], Reading] = {}
+    fresh: list[Reading] = []
+    repeats = 0
+    conflicts: list[tuple[Source, Reading]] = []
+    for src in items:
+        for r in src.readings:
+            key = (r.device_id, r.ts)
+            seen = first.setdefault(key, r)
+            if seen is r:
+                fresh.append(r)
+            elif store.values_of(seen) == store.values_of(r):
+                repeats += 1
+            else:
+                conflicts.append((src, r))
+    return fresh, repeats, conflicts

@@ -1,11 +1,16 @@
-"""SQL of the telemetry projection: readings (COPY), devices, device_latest.
+"""SQL of the telemetry projection: readings, devices, device_latest.
 
-The metric columns follow `contracts.METRICS`, so a new metric needs only its migration here.
+A reading is identified by `(device_id, ts)` (unique index `telemetry_readings_identity`) and
+the first write of an identity wins. Readings are COPied into a temporary staging table, then
+moved with `INSERT ... ON CONFLICT DO NOTHING`; only when some were not inserted does a second
+query tell the repeats (same values: dropped) from the conflicts (other values: returned, for
+the dead-letter topic). The metric columns follow `contracts.METRICS`, so a new metric needs
+only its migration here.
 """
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from operator import attrgetter
 
 import psycopg
@@ -15,6 +20,25 @@ from contracts import METRICS, Reading
 COLUMNS = ("device_id", "ts", "seq", *METRICS)
 READING_COLUMNS = ", ".join(COLUMNS)
 _row = attrgetter(*COLUMNS)  # one C call per reading on the COPY path
+VALUE_COLUMNS = ("seq", *METRICS)  # what two readings of one identity must agree on
+values_of = attrgetter(*VALUE_COLUMNS)
+
+STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS telemetry_staging"
+    " (LIKE telemetry_readings INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+MOVE_STAGED = f"""
+INSERT INTO telemetry_readings ({READING_COLUMNS})
+SELECT {READING_COLUMNS} FROM telemetry_staging
+ON CONFLICT (device_id, ts) DO NOTHING
+"""
+_stored = ", ".join(f"t.{c}" for c in VALUE_COLUMNS)
+_staged = ", ".join(f"s.{c}" for c in VALUE_COLUMNS)
+CONFLICTS = f"""
+SELECT s.device_id, s.ts FROM telemetry_staging s
+JOIN telemetry_readings t ON t.device_id = s.device_id AND t.ts = s.ts
+WHERE ({_staged}) IS DISTINCT FROM ({_stored})
+"""
 
 UPSERT_DEVICES = """
 INSERT INTO devices (device_id, site_id, device_type, first_seen, last_seen)
@@ -47,11 +71,32 @@ async def ensure_partitions(conn: psycopg.AsyncConnection, days: set[date]) -> N
         await conn.execute("SELECT ensure_telemetry_partition(%s)", (day,))
 
 
-async def write_readings(conn: psycopg.AsyncConnection, readings: list[Reading]) -> None:
-    sql = f"COPY telemetry_readings ({READING_COLUMNS}) FROM STDIN"
-    async with conn.cursor() as cur, cur.copy(sql) as copy:
-        for r in readings:
-            await copy.write_row(_row(r))
+class Written:
+    """What `write_readings` did: readings inserted, repeats dropped, and the identities whose
+    stored reading has other values (nothing written for them)."""
+
+    __slots__ = ("conflicts", "inserted", "repeats")
+
+    def __init__(self, inserted: int, repeats: int, conflicts: set[tuple[str, datetime]]) -> None:
+        self.inserted = inserted
+        self.repeats = repeats
+        self.conflicts = conflicts
+
+
+async def write_readings(conn: psycopg.AsyncConnection, readings: list[Reading]) -> Written:
+    """Store readings of distinct identities, each unless its identity is already stored."""
+    await conn.execute(STAGING)
+    async with conn.cursor() as cur:
+        async with cur.copy(f"COPY telemetry_staging ({READING_COLUMNS}) FROM STDIN") as copy:
+            for r in readings:
+                await copy.write_row(_row(r))
+        await cur.execute(MOVE_STAGED)
+        inserted = cur.rowcount
+        if inserted == len(readings):
+            return Written(inserted, 0, set())
+        await cur.execute(CONFLICTS)
+        conflicts = {(d, ts) for d, ts in await cur.fetchall()}
+    return Written(inserted, len(readings) - inserted - len(conflicts), conflicts)
 
 
 async def upsert_devices(conn: psycopg.AsyncConnection, readings: list[Reading]) -> list[Reading]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import psycopg
 
 
@@ -37,3 +41,25 @@ def stored_count(db: psycopg.Connection, device_ids: list[str]) -> tuple[int, in
     ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+async def retrying_post(
+    client: httpx.AsyncClient, url: str, key: str, body: dict[str, Any], deadline_s: float
+) -> int:
+    """POST until 202, retrying 429/503 (after Retry-After, capped for tests), timeouts and
+    connection errors, as the README tells clients to; returns the attempts it took."""
+    give_up = time.monotonic() + deadline_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            r = await client.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+        except httpx.TransportError:
+            delay = 0.2
+        else:
+            if r.status_code == 202:
+                return attempts
+            assert r.status_code in (429, 503), f"{r.status_code}: {r.text}"
+            delay = min(float(r.headers.get("retry-after", "1")), 1.0)
+        assert time.monotonic() < give_up, f"no 202 within {deadline_s} s"
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff with jitter

@@ -159,6 +159,7 @@ def test_overload_is_shed_with_503_and_everything_accepted_is_stored(
     shed = [r for r in responses if r.status_code == 503]
     assert all(r.headers["retry-after"].isdigit() for r in shed)
     assert all("overloaded" in r.json()["title"] for r in shed)
+    assert all(r.json()["outcome"] == "not stored" for r in shed)
     accepted = [d for d, r in zip(devices, responses, strict=True) if r.status_code == 202]
     wait_for(lambda: stored_count(db, accepted) == (50 * len(accepted),) * 2, what="accepted")
     refused = [d for d, r in zip(devices, responses, strict=True) if r.status_code == 503]
