@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,48 +26,62 @@ from benchmarks.limit import kafka_roundtrip_per_min
 from benchmarks.planted import AlertProbe
 from benchmarks.profiles import Options, Profile, Tally
 from benchmarks.report import Report, percentiles, write_chart
+from benchmarks.stamps import Stamps
 from contracts import Topics
 from runtime.kafka import reliable_producer
 from runtime.keys import create_key
+from runtime.retry import RETRY_STATUSES, Retry, RetryPolicy, call_with_retries
 from runtime.settings import Settings
 
 
 class Load:
-    """Builds the readings of one run: devices `bench-<run>-<i>`, sequence numbers per device."""
+    """Builds the readings of one run: devices `bench-<run>-<i>`, sequence numbers per device,
+    and a distinct `ts` for every reading (`benchmarks.stamps`): a reading's identity is
+    `(device_id, ts)`, so two readings of a device must never share one."""
 
-    def __init__(self, run: str, profile: Profile, site: str) -> None:
+    def __init__(self, run: str, profile: Profile, site: str, stamps: Stamps | None = None) -> None:
         self.run, self.p, self.site = run, profile, site
-        self.seq: dict[str, int] = {}
+        self.stamps = stamps or Stamps()
         self.next_device = 0
         self.devices = max(profile.devices_per_batch, 1000)
+        self.names = [f"bench-{run}-{i}" for i in range(self.devices)]
+        self.seq = [0] * self.devices
+        self.n_dev = (
+            1 if profile.mode == "single" else min(profile.devices_per_batch, profile.batch)
+        )
+        self.per = 1 if profile.mode == "single" else profile.batch // self.n_dev
 
     def readings(self) -> list[dict[str, Any]]:
-        n_dev = 1 if self.p.mode == "single" else min(self.p.devices_per_batch, self.p.batch)
-        per = 1 if self.p.mode == "single" else self.p.batch // n_dev
-        ts = datetime.now(UTC).isoformat()
+        n_dev, per = self.n_dev, self.per
+        stamps = self.stamps.isos(self.stamps.take(n_dev * per), n_dev * per)
         out = []
+        k = 0
         for _ in range(n_dev):
-            device = f"bench-{self.run}-{self.next_device % self.devices}"
+            i = self.next_device % self.devices
             self.next_device += 1
-            for _ in range(per):
-                seq = self.seq.get(device, 0)
-                self.seq[device] = seq + 1
+            device, first = self.names[i], self.seq[i]
+            self.seq[i] = first + per
+            for seq in range(first, first + per):
                 out.append(
                     {
                         "device_id": device,
                         "site_id": self.site,
                         "device_type": "meter",
-                        "ts": ts,
+                        "ts": stamps[k],
                         "seq": seq,
                         "power_kw": 12.5,
                         "voltage_v": 230.1,
                         "frequency_hz": 50.0,
                     }
                 )
+                k += 1
         return out
 
 
 class Transport:
+    retries = 0  # requests resent
+    retried_requests = 0  # requests resent at least once
+
     async def send(self, readings: list[dict[str, Any]]) -> str | None:
         """None when accepted, else the error class."""
         raise NotImplementedError
@@ -75,26 +90,61 @@ class Transport:
         return None
 
 
-class HttpTransport(Transport):
-    """Keep-alive HTTP/1.1 with prepared request heads (see `benchmarks.http_client`)."""
+ACCEPTED = "accepted"
+# Each attempt waits at most this long for its answer; a request is resent until its deadline.
+ATTEMPT_TIMEOUT_S = 10.0
 
-    def __init__(self, s: Settings, key: str, mode: str) -> None:
+
+def bench_retry_policy(deadline_s: float) -> RetryPolicy:
+    """As the README tells clients: after 503/429 what `Retry-After` says (at most 10 s),
+    after a timeout or a connection error 0.1 s doubling up to 5 s, jittered, until the
+    request's deadline."""
+    return RetryPolicy(initial_s=0.1, max_s=5.0, max_retry_after_s=10.0, deadline_s=deadline_s)
+
+
+class HttpTransport(Transport):
+    """Keep-alive HTTP/1.1 with prepared request heads (see `benchmarks.http_client`).
+
+    Resends a request answered 503 or 429, or that timed out or lost its connection, until
+    `retry_deadline_s` after its first attempt (0: never resends); then its readings count
+    under the last attempt's error class. Resending is harmless: a reading the log already
+    holds has the same identity `(device_id, ts)` and is dropped as a duplicate."""
+
+    def __init__(self, s: Settings, key: str, mode: str, retry_deadline_s: float = 30.0) -> None:
         path = "/api/v1/telemetry" if mode == "single" else "/api/v1/telemetry/batch"
         self.mode = mode
         self.client = HttpClient(s.gateway_host, s.gateway_port)
         self.head = self.client.prepare(
             path, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         )
+        self.retry = retry_deadline_s > 0
+        self.policy = bench_retry_policy(retry_deadline_s)
 
     async def send(self, readings: list[dict[str, Any]]) -> str | None:
-        body = readings[0] if self.mode == "single" else {"readings": readings}
+        body = msgspec.json.encode(readings[0] if self.mode == "single" else {"readings": readings})
+        if not self.retry:
+            once = await self._attempt(body, ATTEMPT_TIMEOUT_S)
+            outcome = once.value if isinstance(once, Retry) else once
+        else:
+            outcome, retries = await call_with_retries(partial(self._attempt, body), self.policy)
+            if retries:
+                self.retries += retries
+                self.retried_requests += 1
+        return None if outcome == ACCEPTED else outcome
+
+    async def _attempt(self, body: bytes, left_s: float) -> str | Retry[str]:
+        """ACCEPTED or the error class, wrapped in a `Retry` when a resend may succeed."""
         try:
-            status = await self.client.post(self.head, msgspec.json.encode(body))
+            answer = await self.client.post(
+                self.head, body, min(ATTEMPT_TIMEOUT_S, max(1.0, left_s))
+            )
         except (OSError, TimeoutError):
-            return "network"
+            return Retry("network")
+        status = answer.status
         if status == 202:
-            return None
-        return "4xx" if status < 500 else "5xx"
+            return ACCEPTED
+        error = "4xx" if status < 500 else "5xx"
+        return Retry(error, answer.retry_after) if status in RETRY_STATUSES else error
 
     async def close(self) -> None:
         await self.client.close()
@@ -219,7 +269,9 @@ async def run_once(s: Settings, o: Options, echo: Any, per_min: float | None = N
     p = o.profile
     rate = per_min or p.per_min
     transport: Transport = (
-        KafkaTransport(s) if o.transport == "kafka" else HttpTransport(s, key, p.mode)
+        KafkaTransport(s)
+        if o.transport == "kafka"
+        else HttpTransport(s, key, p.mode, o.retry_deadline_s)
     )
     load, tally = Load(run, p, site), Tally()
     probe = AlertProbe(s, key, site, run)
@@ -256,6 +308,8 @@ async def run_once(s: Settings, o: Options, echo: Any, per_min: float | None = N
     report = Report.build(p, o, rate, tally, rows, elapsed, cpu, alert_ms)
     report.extra["alerts_planted"] = len(probe.planted)
     report.extra["cpu_pct_by_process"] = cpu_by_process
+    report.extra["retries"] = transport.retries
+    report.extra["retried_requests"] = transport.retried_requests
     return report
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import NamedTuple
 
 import httptools
 
@@ -18,13 +19,22 @@ import httptools
 MAX_IDLE_S = 4.0
 
 
+class Answer(NamedTuple):
+    status: int
+    retry_after: str | None  # the `Retry-After` header, if any
+    body: bytes  # only of answers other than 2xx (a problem document): 202s are not kept
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[int] | None = None
+        self.waiter: asyncio.Future[Answer] | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.retry_after: str | None = None
+        self.keep_body = False
+        self.body = b""
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -42,11 +52,24 @@ class _Connection(asyncio.Protocol):
         self._fail(ConnectionError("connection closed by the server"))
 
     # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 11 and name.lower() == b"retry-after":
+            self.retry_after = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.keep_body = not 200 <= self.parser.get_status_code() < 300
+
+    def on_body(self, body: bytes) -> None:
+        if self.keep_body:
+            self.body += body
+
     def on_message_complete(self) -> None:
         if not self.parser.should_keep_alive():
             self.close()
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(self.parser.get_status_code())
+            self.waiter.set_result(
+                Answer(self.parser.get_status_code(), self.retry_after, self.body)
+            )
 
     def _fail(self, exc: Exception) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -57,8 +80,9 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def request(self, raw: bytes) -> int:
+    async def request(self, raw: bytes) -> Answer:
         assert self.transport is not None
+        self.retry_after, self.keep_body, self.body = None, False, b""
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(raw)
         return await self.waiter
@@ -66,7 +90,8 @@ class _Connection(asyncio.Protocol):
 
 class HttpClient:
     """Keep-alive connections to one host, opened as needed (the caller bounds how many
-    requests are in flight); `post` returns the response status."""
+    requests are in flight); `post` returns the answer's status, `Retry-After` and the body
+    of an answer other than 2xx."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -78,15 +103,15 @@ class HttpClient:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         return ("\r\n".join(lines) + "\r\n").encode()
 
-    async def post(self, head: bytes, body: bytes, timeout_s: float = 10.0) -> int:
-        """Raises OSError (ConnectionError) or TimeoutError when no answer came in time,
-        connecting included."""
+    async def post(self, head: bytes, body: bytes, timeout_s: float = 10.0) -> Answer:
+        """The answer's status, `Retry-After` and (unless 2xx) body. Raises OSError
+        (ConnectionError) or TimeoutError when no answer came in time, connecting included."""
         conn: _Connection | None = None
         raw = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
         try:
             async with asyncio.timeout(timeout_s):
                 conn = await self._connection()
-                status = await conn.request(raw)
+                answer = await conn.request(raw)
         except BaseException:
             if conn is not None:
                 conn.close()  # a late answer must not be read as the next request's
@@ -94,7 +119,7 @@ class HttpClient:
         if not conn.closed:
             conn.idle_since = time.monotonic()
             self.idle.append(conn)
-        return status
+        return answer
 
     async def _connection(self) -> _Connection:
         fresh = time.monotonic() - MAX_IDLE_S

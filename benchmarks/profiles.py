@@ -40,3 +40,5 @@ class Options:
     max_p95_latency_ms: float = 1500.0
     drain_s: float = 120.0
     measure_limit: bool = True
+    # HTTP requests answered 503/429, timed out or cut off are resent for this long (0: never)
+    retry_deadline_s: float = 30.0

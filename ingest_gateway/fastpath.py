@@ -119,8 +119,10 @@ class IngestFront:
             elif name == b"content-length":
                 length = value
         try:
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                raise body_too_large(self.max_body)
+            if length is not None and length.isdigit():
+                if int(length) > self.max_body:
+                    raise body_too_large(self.max_body)
+                self.gateway.refuse_if_full(0, int(length))
             body = await self._body(receive)
             if body is None:  # the client went away before sending it all
                 return 499

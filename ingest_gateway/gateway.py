@@ -73,7 +73,10 @@ class Gateway:
         self.keys = KeyStore(self.pool, settings.ingest_key_cache_s)
         self.producer = RenewableProducer(settings, "microgrid-gateway", linger_ms=0)
         self.window = SendWindow(settings.producer_linger_ms / 1000)
-        self.probe = KafkaProbe(settings)
+        self.probe = KafkaProbe(settings)  # for /readyz
+        self.watch_probe = KafkaProbe(settings)
+        self.broker_down: str | None = None  # why the last look at the broker failed
+        self._watch: asyncio.Task[None] | None = None
         self.topic = settings.topic(Topics.TELEMETRY_RAW)
         self.ts_window = TimeWindow(
             max_future=timedelta(seconds=settings.max_future_skew_s),
@@ -87,11 +90,32 @@ class Gateway:
     async def start(self) -> None:
         await self.pool.open()
         await self.producer.start()
+        self._watch = asyncio.create_task(self._watch_broker())
         log.info("gateway ready, producing to %s", self.topic)
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         await self.producer.stop()  # flushes what is buffered
         await self.probe.close()
+        await self.watch_probe.close()
+
+    async def _watch_broker(self) -> None:
+        """Look at the broker every `BROKER_CHECK_S`: while it cannot be reached, requests
+        are refused before production (503, not stored) instead of waiting for an
+        acknowledgement that cannot come."""
+        while True:
+            try:
+                await asyncio.wait_for(self.watch_probe(), BROKER_CHECK_TIMEOUT_S)
+            except Exception as exc:
+                if self.broker_down is None:
+                    log.warning("broker unreachable, refusing readings until it answers: %r", exc)
+                self.broker_down = repr(exc) or type(exc).__name__
+            else:
+                if self.broker_down is not None:
+                    log.info("broker reachable again")
+                self.broker_down = None
+            await asyncio.sleep(BROKER_CHECK_S)
         await self.pool.close()
 
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
@@ -172,8 +196,10 @@ class Gateway:
                 f"this key belongs to site {site!r}; refused readings for {', '.join(foreign)}",
             )
 
-    def admit(self, readings: int, size: int) -> None:
-        """Take room for a request in this worker's in-flight bounds, or refuse it (503)."""
+    def refuse_if_full(self, readings: int, size: int) -> None:
+        """A 503 when a request this big does not fit in the worker's in-flight bounds. Also
+        asked with the announced body size before the body is read (readings=0), so bodies
+        are not even buffered past the bounds."""
         s = self.s
         if (
             self.inflight + readings > s.ingest_max_inflight_readings
@@ -187,6 +213,10 @@ class Gateway:
                 headers={"Retry-After": self.retry_after},
                 outcome=NOT_STORED,
             )
+
+    def admit(self, readings: int, size: int) -> None:
+        """Take room for a request in this worker's in-flight bounds, or refuse it (503)."""
+        self.refuse_if_full(readings, size)
         self.inflight += readings
         self.inflight_bytes += size
 
@@ -206,6 +236,14 @@ class Gateway:
         before: those bounds also bound the producer's memory.
         """
         n = len(readings)
+        if self.broker_down is not None or self.producer.broken:
+            raise problem(
+                503,
+                "Telemetry log unavailable",
+                "the broker cannot be reached; nothing of this request was stored: retry later",
+                headers={"Retry-After": self.retry_after},
+                outcome=NOT_STORED,
+            )
         self.admit(n, size)
         handed: list[asyncio.Future[object]] = []
         try:
@@ -256,6 +294,8 @@ class Gateway:
 
 NOT_STORED = "not stored"
 UNKNOWN = "unknown"
+BROKER_CHECK_S = 0.5
+BROKER_CHECK_TIMEOUT_S = 3.0
 
 
 _Body = TypeVar("_Body", Reading, ReadingBatch)

@@ -45,6 +45,11 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.3) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    try:  # a child of ours that died is a zombie until reaped: reap it, it is gone
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

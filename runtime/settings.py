@@ -41,10 +41,10 @@ class Settings(BaseSettings):
     ingest_max_body_bytes: int = Field(1_048_576, ge=1024)
     # How long a request waits for the broker's acknowledgement once its records are handed
     # to the producer (aiokafka's idempotent producer never expires them itself).
-    ingest_ack_timeout_ms: int = Field(30_000, ge=50)
+    ingest_ack_timeout_ms: int = Field(10_000, ge=50)
     # Admission, per worker: past either bound a request is refused (503) before production.
-    ingest_max_inflight_readings: int = Field(100_000, ge=1)
-    ingest_max_inflight_bytes: int = Field(32 * 1_048_576, ge=1_048_576)
+    ingest_max_inflight_readings: int = Field(20_000, ge=1)
+    ingest_max_inflight_bytes: int = Field(8 * 1_048_576, ge=1_048_576)
     # Optional readings-per-second limits (0: none), shared by all workers through Redis.
     ingest_key_readings_per_s: int = Field(0, ge=0)
     ingest_site_readings_per_s: int = Field(0, ge=0)

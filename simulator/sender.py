@@ -1,15 +1,14 @@
 """Sending readings to the ingest gateway: one batch request per site, retried while a retry
-may succeed (503/429 after `Retry-After`, network errors and 5xx with backoff)."""
+may succeed (503/429 after `Retry-After`, network errors and 5xx with backoff), with the
+retry loop of `runtime.retry` that the benchmark's load generators use too."""
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
 import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from functools import partial
 from typing import Final
 
 import httpx
@@ -19,11 +18,20 @@ from contracts.readings import (
     Reading,
     ReadingBatch,
 )
+from runtime.retry import RETRY_STATUSES, Retry, RetryPolicy, call_with_retries
 
 log = logging.getLogger("microgrid.simulator")
 
 MAX_RETRIES: Final = 5
 MAX_RETRY_AFTER_S: Final = 60.0
+# 0.5 s doubling up to 10 s (+-20 %), or what `Retry-After` says (at most 60 s), 5 resends
+RETRY_POLICY: Final = RetryPolicy(
+    initial_s=0.5,
+    max_s=10.0,
+    max_retry_after_s=MAX_RETRY_AFTER_S,
+    deadline_s=None,
+    max_retries=MAX_RETRIES,
+)
 
 
 @dataclass
@@ -33,25 +41,6 @@ class SimulationStats:
     failed: int = 0
     retried: int = 0  # requests resent
     skipped: int = 0  # readings not sampled because the site was still sending its last batch
-
-
-def retry_after_s(value: str | None, default: float) -> float:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return default
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
-
-
-def backoff_s(attempt: int, rng: random.Random) -> float:
-    return min(10.0, 0.5 * 2.0**attempt) * rng.uniform(0.8, 1.2)
 
 
 def _chunks(items: list[Reading], size: int) -> Iterator[list[Reading]]:
@@ -80,40 +69,37 @@ class Sender:
         body = msgspec.json.encode(ReadingBatch(readings=readings))
         n = len(readings)
         self.stats.attempted += n
-        for attempt in range(MAX_RETRIES + 1):
-            if attempt:
-                self.stats.retried += 1
-            delay = await self._attempt(key, body, n, attempt)
-            if delay is None:
-                return
-            if attempt < MAX_RETRIES:
-                await asyncio.sleep(delay)
-        self.stats.failed += n
-        log.warning("gave up on a batch of %d readings after %d retries", n, MAX_RETRIES)
+        done, retries = await call_with_retries(
+            partial(self._attempt, key, body, n), RETRY_POLICY, self.rng
+        )
+        self.stats.retried += retries
+        if not done:
+            self.stats.failed += n
+            log.warning("gave up on a batch of %d readings after %d retries", n, retries)
 
-    async def _attempt(self, key: str, body: bytes, n: int, attempt: int) -> float | None:
-        """One request; None when done (accepted or refused for good), else seconds to wait."""
+    async def _attempt(self, key: str, body: bytes, n: int, _left_s: float) -> bool | Retry[bool]:
+        """One request; True when done (accepted or refused for good), else a `Retry`."""
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         try:
             resp = await self.client.post(self.url, content=body, headers=headers)
         except httpx.TransportError as exc:
             self._log_once(type(exc).__name__, "cannot reach the gateway at %s: %r", self.url, exc)
-            return backoff_s(attempt, self.rng)
-        return self._outcome(resp, n, attempt)
+            return Retry(False)
+        return self._outcome(resp, n)
 
-    def _outcome(self, resp: httpx.Response, n: int, attempt: int) -> float | None:
+    def _outcome(self, resp: httpx.Response, n: int) -> bool | Retry[bool]:
         status = resp.status_code
         if resp.is_success:
             self.stats.accepted += _accepted_count(resp, n)
-            return None
-        if status in (429, 503):
-            return retry_after_s(resp.headers.get("retry-after"), backoff_s(attempt, self.rng))
+            return True
+        if status in RETRY_STATUSES:
+            return Retry(False, resp.headers.get("retry-after"))
         detail = _problem_detail(resp)
         self._log_once(f"status {status}", "gateway answered %d: %s", status, detail)
         if status >= 500:
-            return backoff_s(attempt, self.rng)
+            return Retry(False)
         self.stats.failed += n
-        return None
+        return True
 
     def _log_once(self, what: str, message: str, *args: object) -> None:
         if what not in self._logged:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -15,11 +16,20 @@ from runtime.settings import Settings
 
 
 async def _topic_config(s: Settings, topic: str) -> dict[str, str]:
+    """The topic's configs, once the broker describes them (a topic just created may still
+    be unknown to the broker's metadata for a moment: error code 3, no entries)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
     await admin.start()
     try:
-        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-        return {entry[0]: entry[1] for entry in response.resources[0][4]}
+        deadline = time.monotonic() + 15
+        while True:
+            resource = ConfigResource(ConfigResourceType.TOPIC, topic)
+            [response] = await admin.describe_configs([resource])
+            error_code, _, _, _, entries = response.resources[0]
+            if error_code == 0 or time.monotonic() > deadline:
+                assert error_code == 0, f"describing {topic}: error code {error_code}"
+                return {entry[0]: entry[1] for entry in entries}
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
 

@@ -23,7 +23,6 @@ from simulator.commands import CommandServer
 from simulator.devices import NORMAL_BANDS, Battery, Device, Genset, Load, Meter, PVInverter
 from simulator.fleet import Site, build_fleet
 from simulator.run import run_simulation
-from simulator.sender import retry_after_s
 
 START = datetime(2026, 6, 1, 0, 0, tzinfo=UTC)
 STEP = timedelta(minutes=5)
@@ -591,18 +590,6 @@ async def test_a_command_overdue_after_its_delay_is_not_executed() -> None:
     assert producer.sent == []
     battery = server.devices["site-001-battery-1"]
     assert isinstance(battery, Battery) and battery.setpoint_kw is None
-
-
-# --- retry-after --------------------------------------------------------------------------
-
-
-def test_retry_after_parsing() -> None:
-    assert retry_after_s("2", 9.0) == 2.0
-    assert retry_after_s(None, 9.0) == 9.0
-    assert retry_after_s("soon", 9.0) == 9.0
-    assert retry_after_s("100000", 9.0) == sender.MAX_RETRY_AFTER_S
-    later = (datetime.now(UTC) + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
-    assert 25.0 <= retry_after_s(later, 9.0) <= 31.0
 
 
 # --- the sending loop, against a fake gateway ----------------------------------------------
