@@ -1,10 +1,13 @@
 """SQL of the telemetry projection: readings, devices, device_latest.
 
 A reading is identified by `(device_id, ts)` (unique index `telemetry_readings_identity`) and
-the first write of an identity wins. Readings are COPied into a temporary staging table, then
-moved with `INSERT ... ON CONFLICT DO NOTHING`; only when some were not inserted does a second
-query tell the repeats (same values: dropped) from the conflicts (other values: returned, for
-the dead-letter topic). The metric columns follow `contracts.METRICS`, so a new metric needs
+the first write of an identity wins. Readings are COPied straight into the table inside a
+savepoint; when one repeats a stored identity the COPY fails, the savepoint is rolled back,
+and the batch takes the slow path: COPY into a temporary staging table, `INSERT ... ON
+CONFLICT DO NOTHING`, then a query that tells the repeats (same values: dropped) from the
+conflicts (other values: returned, for the dead-letter topic). The slow path costs twice the
+database time of the straight COPY (124 against 62 ms for 5,000 rows here), so it is kept for
+the batches that need it. The metric columns follow `contracts.METRICS`, so a new metric needs
 only its migration here.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from operator import attrgetter
+from typing import Any
 
 import psycopg
 
@@ -83,13 +87,23 @@ class Written:
         self.conflicts = conflicts
 
 
+async def _copy(cur: psycopg.AsyncCursor[Any], table: str, readings: list[Reading]) -> None:
+    async with cur.copy(f"COPY {table} ({READING_COLUMNS}) FROM STDIN") as copy:
+        for r in readings:
+            await copy.write_row(_row(r))
+
+
 async def write_readings(conn: psycopg.AsyncConnection, readings: list[Reading]) -> Written:
     """Store readings of distinct identities, each unless its identity is already stored."""
+    try:
+        async with conn.transaction(), conn.cursor() as cur:  # a savepoint
+            await _copy(cur, "telemetry_readings", readings)
+        return Written(len(readings), 0, set())
+    except psycopg.errors.UniqueViolation:
+        pass  # some identity is stored already: sort them out below
     await conn.execute(STAGING)
     async with conn.cursor() as cur:
-        async with cur.copy(f"COPY telemetry_staging ({READING_COLUMNS}) FROM STDIN") as copy:
-            for r in readings:
-                await copy.write_row(_row(r))
+        await _copy(cur, "telemetry_staging", readings)
         await cur.execute(MOVE_STAGED)
         inserted = cur.rowcount
         if inserted == len(readings):
