@@ -74,7 +74,6 @@ class Gateway:
         self.producer = RenewableProducer(settings, "microgrid-gateway", linger_ms=0)
         self.window = SendWindow(settings.producer_linger_ms / 1000)
         self.probe = KafkaProbe(settings)  # for /readyz
-        self.watch_probe = KafkaProbe(settings)
         self.broker_down: str | None = None  # why the last look at the broker failed
         self._watch: asyncio.Task[None] | None = None
         self.topic = settings.topic(Topics.TELEMETRY_RAW)
@@ -98,7 +97,6 @@ class Gateway:
             self._watch.cancel()
         await self.producer.stop()  # flushes what is buffered
         await self.probe.close()
-        await self.watch_probe.close()
 
     async def _watch_broker(self) -> None:
         """Look at the broker every `BROKER_CHECK_S`: while it cannot be reached, requests
@@ -106,15 +104,17 @@ class Gateway:
         acknowledgement that cannot come."""
         while True:
             try:
-                await asyncio.wait_for(self.watch_probe(), BROKER_CHECK_TIMEOUT_S)
+                reachable = await asyncio.wait_for(
+                    self.producer.reachable(), BROKER_CHECK_TIMEOUT_S
+                )
+                why = None if reachable else "no broker accepts a connection"
             except Exception as exc:
-                if self.broker_down is None:
-                    log.warning("broker unreachable, refusing readings until it answers: %r", exc)
-                self.broker_down = repr(exc) or type(exc).__name__
-            else:
-                if self.broker_down is not None:
-                    log.info("broker reachable again")
-                self.broker_down = None
+                why = repr(exc)
+            if why is not None and self.broker_down is None:
+                log.warning("broker unreachable, refusing readings until it answers: %s", why)
+            elif why is None and self.broker_down is not None:
+                log.info("broker reachable again")
+            self.broker_down = why
             await asyncio.sleep(BROKER_CHECK_S)
         await self.pool.close()
 

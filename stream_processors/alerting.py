@@ -249,8 +249,11 @@ assert set(ON_READING) == set(get_args(AlertRuleSpec)), "every kind of rule need
 
 def evaluate_reading(rules: Rules, reading: Reading, state: DeviceState) -> list[AlertEvent]:
     """Apply one reading of `state`'s device to every rule; return the alert edges it causes."""
-    if state.last_ts is not None and reading.ts < state.last_ts:
-        return []  # an older reading arriving late says nothing about the present
+    if state.last_ts is not None and reading.ts <= state.last_ts:
+        # an older reading arriving late says nothing about the present; one at the same
+        # instant repeats a reading's identity (a retry, or a conflicting duplicate that
+        # the projection dead-letters): only the first of an identity is evaluated
+        return []
     state.site_id = reading.site_id
     active = {rule_id: rule for rule_id, rule in rules.items() if applies(rule, state)}
     events = _drop_stale_rules(active, state, reading.ts)

@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -44,7 +45,12 @@ def stored_count(db: psycopg.Connection, device_ids: list[str]) -> tuple[int, in
 
 
 async def retrying_post(
-    client: httpx.AsyncClient, url: str, key: str, body: dict[str, Any], deadline_s: float
+    client: httpx.AsyncClient,
+    url: str,
+    key: str,
+    body: dict[str, Any],
+    deadline_s: float,
+    on_retry: Callable[[], None] = lambda: None,
 ) -> int:
     """POST until 202, retrying 429/503 (after Retry-After, capped for tests), timeouts and
     connection errors, as the README tells clients to; returns the attempts it took."""
@@ -62,4 +68,5 @@ async def retrying_post(
             assert r.status_code in (429, 503), f"{r.status_code}: {r.text}"
             delay = min(float(r.headers.get("retry-after", "1")), 1.0)
         assert time.monotonic() < give_up, f"no 202 within {deadline_s} s"
+        on_retry()
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff with jitter

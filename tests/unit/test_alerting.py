@@ -783,11 +783,15 @@ def test_late_reading_does_not_clear_alert_of_removed_rule() -> None:
     assert "r1" in state.rules
 
 
-def test_reading_with_same_ts_as_last_is_evaluated() -> None:
+def test_a_reading_at_the_instant_of_the_last_is_not_evaluated_again() -> None:
+    """Same device, same ts: the same reading's identity (a retry, or a conflicting duplicate
+    the projection dead-letters); only the first is evaluated, as only the first is stored."""
     rules = rules_of(rule())
     state = fresh()
-    evaluate_reading(rules, reading(0, 90.0), state)
-    [cleared] = evaluate_reading(rules, reading(0, 10.0), state)
+    [opened] = evaluate_reading(rules, reading(0, 90.0), state)
+    assert opened.kind == "opened"
+    assert evaluate_reading(rules, reading(0, 10.0), state) == []
+    [cleared] = evaluate_reading(rules, reading(1, 10.0), state)
     assert cleared.kind == "cleared"
 
 
@@ -953,6 +957,11 @@ def _readings(raw: Sequence[tuple[int, float | None]]) -> list[Reading]:
     return out
 
 
+def _first_of_each_instant(readings: Sequence[Reading]) -> list[Reading]:
+    """The readings the alerter evaluates: the first of each (device, ts) identity."""
+    return [r for i, r in enumerate(readings) if i == 0 or r.ts != readings[i - 1].ts]
+
+
 def _check_alternation(events: Sequence[AlertEvent]) -> None:
     for i, e in enumerate(events):
         assert e.kind == ("opened" if i % 2 == 0 else "cleared")
@@ -989,7 +998,9 @@ def test_property_gt_hysteresis(raw: list[tuple[int, float | None]], for_s: floa
 
     # Matches the reference model, episode ids included.
     with_metric = [
-        ((r.ts - T0).total_seconds(), v) for r in readings if (v := r.temperature_c) is not None
+        ((r.ts - T0).total_seconds(), v)
+        for r in _first_of_each_instant(readings)
+        if (v := r.temperature_c) is not None
     ]
     expected = _reference_threshold("gt", THRESHOLD, CLEAR, for_s or 0.0, with_metric)
     assert [(e.kind, e.at, e.alert_id) for e in events] == [
@@ -1023,7 +1034,9 @@ def test_property_lt_hysteresis(raw: list[tuple[int, float | None]], for_s: floa
         assert e.value is not None
         assert (e.value < lo) if e.kind == "opened" else (e.value >= clear)
     with_metric = [
-        ((r.ts - T0).total_seconds(), v) for r in readings if (v := r.temperature_c) is not None
+        ((r.ts - T0).total_seconds(), v)
+        for r in _first_of_each_instant(readings)
+        if (v := r.temperature_c) is not None
     ]
     expected = _reference_threshold("lt", lo, clear, for_s or 0.0, with_metric)
     assert [(e.kind, e.at, e.alert_id) for e in events] == [
