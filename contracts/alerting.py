@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Annotated, Final, Literal, get_args
 import msgspec
 from msgspec import Meta
 
-from contracts.readings import METRICS, DeviceType
+from contracts.readings import METRICS, TEXT_PATTERN, DeviceType
 
 Op = Literal["gt", "lt", "outside"]
 Severity = Literal["critical", "major", "minor", "warning"]
 SEVERITIES: Final[tuple[str, ...]] = get_args(Severity)
 Seconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
-RuleName = Annotated[str, Meta(min_length=1, max_length=200)]
-ScopeValue = Annotated[str, Meta(min_length=1, max_length=64)]
+RuleName = Annotated[str, Meta(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
+ScopeValue = Annotated[str, Meta(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
 ServerSet = Meta(description="set by the server; refused in a request")
 if TYPE_CHECKING:
     Metric = str
@@ -131,12 +131,15 @@ SERVER_SET: Final = ("id", "created_at", "updated_at")
 COMMON_FIELDS: Final = frozenset(f.name for f in msgspec.structs.fields(AlertRuleBase))
 
 
-AlertEventKind = Literal["opened", "cleared"]
+AlertEventKind = Literal["opened", "cleared", "acknowledged", "read"]
 
 
-class AlertEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """One edge of an alert episode, on the `alerts` topic keyed by device id. The id is
-    derived from rule, device and the episode's start, so a replay yields the same id."""
+class AlertEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """On the `alerts` topic keyed by device id: an edge of an alert episode (`opened`,
+    `cleared`, from the alerter), an operator's acknowledgement of the alert (`acknowledged`,
+    by `by`) or of one of its notifications (`read`, `notification_id`), from the query API.
+    The alert id is derived from rule, device and the episode's start, so a replay yields the
+    same id; the first acknowledgement wins."""
 
     alert_id: str
     kind: AlertEventKind
@@ -147,4 +150,6 @@ class AlertEvent(msgspec.Struct, frozen=True, kw_only=True):
     severity: Severity
     at: datetime
     value: float | None = None
-    message: str = ""
+    message: Annotated[str, Meta(pattern=TEXT_PATTERN)] = ""
+    by: str | None = None
+    notification_id: str | None = None

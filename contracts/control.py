@@ -8,6 +8,8 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
+from contracts.readings import TEXT_PATTERN
+
 # command -> {param: (low, high)}; an empty dict means the command takes no parameters.
 ANY_DEVICE: Final[dict[str, dict[str, tuple[float, float]]]] = {"reboot": {}}
 COMMANDS: Final[dict[str, dict[str, dict[str, tuple[float, float]]]]] = {
@@ -47,6 +49,7 @@ def command_errors(device_type: str, command: str, params: dict[str, Any]) -> li
 
 
 Status = Literal["queued", "processing", "succeeded", "failed"]
+Reason = Annotated[str, Meta(max_length=500, pattern=TEXT_PATTERN)]
 TERMINAL: Final = ("succeeded", "failed")
 
 
@@ -59,6 +62,7 @@ class CommandRequested(msgspec.Struct, frozen=True, kw_only=True):
     params: dict[str, Any]
     requested_at: datetime
     deadline: datetime
+    requested_by: str = ""
 
 
 class CommandDispatch(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,16 +81,20 @@ class CommandResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     and the key)."""
 
     status: Literal["succeeded", "failed"]
-    reason: Annotated[str, Meta(max_length=500)] = ""
+    reason: Reason = ""
     id: str = ""
     device_id: str = ""
 
 
 class ControlEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """On `control.events`, keyed by device id: one lifecycle transition."""
+    """On `control.events`, keyed by device id: one lifecycle transition, or (`delivered`) the
+    hand-over of a processing command to a device over HTTP. The `queued` event carries the
+    request, so the control read model is built from this topic alone."""
 
     command_id: str
     device_id: str
     status: Status
     at: datetime
-    reason: str | None = None
+    reason: Reason | None = None
+    request: CommandRequested | None = None
+    delivered: bool = False

@@ -25,6 +25,10 @@ Identifier = Annotated[
     # (?!\n) because `$` alone also matches before a trailing newline
     Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*(?!\n)$"),
 ]
+# Free text (reasons, names, messages): no control characters (C0, DEL, C1), which terminals,
+# logs and PostgreSQL (NUL) do not take.
+TEXT_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]*(?!\n)$"
+Text = Annotated[str, Meta(pattern=TEXT_PATTERN)]
 AwareTime = Annotated[datetime, Meta(tz=True)]
 Voltage = Annotated[float, Meta(ge=0, le=50_000)]
 Current = Annotated[float, Meta(ge=-20_000, le=20_000)]

@@ -6,20 +6,23 @@ from typing import Final
 class Topics:
     TELEMETRY_RAW: Final = "telemetry.raw"
     TELEMETRY_VALID: Final = "telemetry.valid"
-    TELEMETRY_DLQ: Final = "telemetry.dlq"
+    TELEMETRY_DLQ: Final = "telemetry.dlq"  # refused by the validator or telemetry projection
     ALERT_RULES: Final = "alert-rules"  # compacted, keyed by rule id; a tombstone deletes
-    ALERTS: Final = "alerts"  # alert events, keyed by device id
+    ALERTS: Final = "alerts"  # alert events and acknowledgements, keyed by device id
+    ALERTS_DLQ: Final = "alerts.dlq"  # refused by the alerter or the alerts projection
     ALERTER_STATE: Final = "alerter.state"  # compacted changelog of per-device alert state
     CONTROL_COMMANDS: Final = "control.commands"  # requested commands, keyed by device id
     CONTROL_DISPATCH: Final = "control.dispatch"  # commands for devices to execute
     CONTROL_RESULTS: Final = "control.results"  # devices' replies
     CONTROL_EVENTS: Final = "control.events"  # every lifecycle transition
     CONTROLLER_STATE: Final = "controller.state"  # compacted changelog, keyed by command id
+    CONTROL_DLQ: Final = "control.dlq"  # refused by the controller or the control projection
 
 
 class Headers:
-    # On telemetry.dlq: why and where the original record came from.
+    # On every dead-letter topic: why, which stage refused it, and where the record came from.
     DLQ_REASON: Final = "x-dlq-reason"
+    DLQ_STAGE: Final = "x-dlq-stage"  # the consumer group that refused it
     DLQ_SOURCE_TOPIC: Final = "x-dlq-source-topic"
     DLQ_SOURCE_PARTITION: Final = "x-dlq-source-partition"
     DLQ_SOURCE_OFFSET: Final = "x-dlq-source-offset"

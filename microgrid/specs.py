@@ -31,12 +31,14 @@ TOPIC_PAYLOADS: dict[str, tuple[type, ...]] = {
     Topics.TELEMETRY_VALID: (ReadingBatch,),
     Topics.TELEMETRY_DLQ: (),
     Topics.ALERTS: (AlertEvent,),
+    Topics.ALERTS_DLQ: (),
     Topics.ALERTER_STATE: (DeviceState,),
     Topics.CONTROL_COMMANDS: (CommandRequested,),
     Topics.CONTROL_RESULTS: (CommandResult,),
     Topics.CONTROL_DISPATCH: (CommandDispatch,),
     Topics.CONTROL_EVENTS: (ControlEvent,),
     Topics.CONTROLLER_STATE: (CommandState,),
+    Topics.CONTROL_DLQ: (),
 }
 
 

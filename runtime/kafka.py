@@ -47,6 +47,7 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
         TopicSpec(s.topic(Topics.TELEMETRY_DLQ), n, dlq),
         TopicSpec(s.topic(Topics.ALERT_RULES), 1, compacted),
         TopicSpec(s.topic(Topics.ALERTS), n, dlq),
+        TopicSpec(s.topic(Topics.ALERTS_DLQ), n, dlq),
         # one changelog partition per telemetry.valid partition: state moves with its devices
         TopicSpec(s.topic(Topics.ALERTER_STATE), n, changelog),
         TopicSpec(s.topic(Topics.CONTROL_COMMANDS), n, dlq),
@@ -54,6 +55,7 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
         TopicSpec(s.topic(Topics.CONTROL_RESULTS), n, dlq),
         TopicSpec(s.topic(Topics.CONTROL_EVENTS), n, dlq),
         TopicSpec(s.topic(Topics.CONTROLLER_STATE), n, changelog),
+        TopicSpec(s.topic(Topics.CONTROL_DLQ), n, dlq),
     ]
 
 
