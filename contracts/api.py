@@ -126,6 +126,13 @@ class CommandRequest(msgspec.Struct, forbid_unknown_fields=True):
     ttl_s: Annotated[int, Meta(ge=1, le=86_400)] | None = None
 
 
+class Accepted(msgspec.Struct):
+    """Stored, not yet shown by the read model: it will be (the change is in the outbox)."""
+
+    id: str
+    status: Literal["accepted"] = "accepted"
+
+
 class CommandAccepted(msgspec.Struct):
     id: str
     status: CommandStatus
@@ -150,6 +157,7 @@ class ControlCommand(msgspec.Struct):
     created_at: datetime
     updated_at: datetime
     history: list[Transition]
+    delivered_at: datetime | None = None  # when the device fetched it over HTTP
 
 
 class CommandPage(msgspec.Struct):

@@ -1,13 +1,16 @@
 """The device side of control commands over HTTP: long-poll the next command, post the result.
 
 A device may fetch and answer only commands of devices in its key's site. Each command is
-handed out once (`delivered_at`); results go to `control.results` like Kafka devices' replies.
+handed out once: the gateway's ledger (`command_deliveries`) records the hand-over, and a
+`delivered` control event is queued in the outbox in the same transaction, for the control read
+model. Results go to `control.results` like Kafka devices' replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -16,21 +19,28 @@ from litestar import Request, Response, get, post
 from litestar.params import Parameter
 
 from contracts import Topics
-from contracts.control import CommandDispatch, CommandResult
+from contracts.control import CommandDispatch, CommandResult, ControlEvent
 from ingest_gateway.gateway import Gateway
+from runtime import outbox
 from runtime.http import problem
 
 POLL_INTERVAL_S = 0.25
 MAX_WAIT_S = 30
 
 NEXT_SQL = """
-UPDATE control_commands SET delivered_at = now()
-WHERE id = (
-    SELECT id FROM control_commands
-    WHERE device_id = %s AND status = 'processing' AND delivered_at IS NULL AND deadline > now()
-    ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
+WITH next AS (
+    SELECT c.id, c.device_id, c.command, c.params, c.deadline FROM control_commands c
+    WHERE c.device_id = %(device_id)s AND c.status = 'processing' AND c.deadline > now()
+      AND NOT EXISTS (SELECT 1 FROM command_deliveries d WHERE d.command_id = c.id)
+    ORDER BY c.created_at LIMIT 1
+), taken AS (
+    INSERT INTO command_deliveries (command_id, device_id, delivered_at)
+    SELECT id, device_id, %(at)s FROM next
+    ON CONFLICT DO NOTHING
+    RETURNING command_id
 )
-RETURNING id::text, device_id, command, params, deadline
+SELECT next.id::text, next.device_id, next.command, next.params, next.deadline
+FROM next JOIN taken ON taken.command_id = next.id
 """
 DEVICE_SITE_SQL = "SELECT site_id FROM devices WHERE device_id = %s"
 COMMAND_SITE_SQL = """
@@ -46,6 +56,7 @@ class DeviceCommands:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.results_topic = gateway.s.topic(Topics.CONTROL_RESULTS)
+        self.events_topic = gateway.s.topic(Topics.CONTROL_EVENTS)
         self.ack_timeout_s = gateway.s.ingest_ack_timeout_ms / 1000
 
     async def site_of_key(self, request: Request[Any, Any, Any]) -> str:
@@ -66,11 +77,18 @@ class DeviceCommands:
         return (row[0], row[1]) if row else None
 
     async def take_next(self, device_id: str) -> CommandDispatch | None:
+        """Hand out the device's oldest undelivered command, once (a concurrent poll that lost
+        the race finds none and looks again)."""
+        now = datetime.now(UTC)
         async with self.gateway.pool.connection() as conn:
-            cur = await conn.execute(NEXT_SQL, (device_id,))
+            cur = await conn.execute(NEXT_SQL, {"device_id": device_id, "at": now})
             row = await cur.fetchone()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            delivered = ControlEvent(
+                command_id=row[0], device_id=row[1], status="processing", at=now, delivered=True
+            )
+            await outbox.add(conn, self.events_topic, row[1], msgspec.json.encode(delivered))
         return CommandDispatch(
             id=row[0], device_id=row[1], command=row[2], params=row[3], deadline=row[4]
         )

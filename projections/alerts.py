@@ -1,7 +1,10 @@
-"""Alerts projection: `alerts` events -> alerts and notifications, announced on the live stream.
+"""Alerts projection: `alerts` events -> alerts and notifications, their only writer; each
+change is announced on the live stream.
 
 An alert opens as `active_unacknowledged`; when it clears it becomes `cleared` if someone
-acknowledged it, `cleared_unacknowledged` if not. Each edge creates a notification.
+acknowledged it, `cleared_unacknowledged` if not. Each edge creates a notification. Operators'
+acknowledgements of alerts (`acknowledged`) and notifications (`read`) come on the same topic,
+from the query API's outbox; the first one wins.
 """
 
 from __future__ import annotations
@@ -46,12 +49,31 @@ ON CONFLICT (id) DO NOTHING
 RETURNING {NOTIFICATION_COLUMNS}
 """
 
+ACK_SQL = f"""
+UPDATE alerts SET acknowledged_at = %(at)s, acknowledged_by = %(by)s,
+    status = CASE status WHEN 'active_unacknowledged' THEN 'active_acknowledged'
+                         WHEN 'cleared_unacknowledged' THEN 'cleared' ELSE status END
+WHERE id = %(id)s AND acknowledged_at IS NULL
+RETURNING {ALERT_COLUMNS}
+"""
+READ_SQL = f"""
+UPDATE notifications SET acked_at = %(at)s, acked_by = %(by)s
+WHERE id = %(id)s AND acked_at IS NULL
+RETURNING {NOTIFICATION_COLUMNS}
+"""
+
 
 class AlertsProjection(Projection[AlertEvent]):
     name = "alerts"
 
-    def __init__(self, s: Settings, events: EventStream) -> None:
-        super().__init__(s, s.topic(Topics.ALERTS), s.group(Groups.ALERTS_PROJECTOR), 500)
+    def __init__(self, s: Settings, events: EventStream, group: str | None = None) -> None:
+        super().__init__(
+            s,
+            s.topic(Topics.ALERTS),
+            group or s.group(Groups.ALERTS_PROJECTOR),
+            500,
+            s.topic(Topics.ALERTS_DLQ),
+        )
         self.decoder = msgspec.json.Decoder(AlertEvent)
         self.events = events
 
@@ -62,6 +84,17 @@ class AlertsProjection(Projection[AlertEvent]):
         announcements: list[tuple[str, Any]] = []
         async with conn.cursor(row_factory=dict_row) as cur:
             for e in items:
+                if e.kind in ("acknowledged", "read"):
+                    ack = e.kind == "acknowledged"
+                    await cur.execute(
+                        ACK_SQL if ack else READ_SQL,
+                        {"id": e.alert_id if ack else e.notification_id, "at": e.at, "by": e.by},
+                    )
+                    row = await cur.fetchone()
+                    if row is not None:
+                        name = Events.ALERT_ACKNOWLEDGED if ack else Events.NOTIFICATION_ACKED
+                        announcements.append((name, row))
+                    continue
                 if e.kind == "opened":
                     await cur.execute(
                         OPEN_SQL,

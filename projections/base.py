@@ -6,6 +6,11 @@ committed ones (those are only kept for lag monitoring). Position updates are co
 the previous value, so a consumer that lost its partition cannot overwrite its successor.
 Records re-emitted upstream after a crash carry a source offset at or below the stored
 watermark and are skipped.
+
+One record never stops a projection: a record that does not decode, or whose rows PostgreSQL
+refuses (a data or integrity error), goes to the projection's dead-letter topic with the reason,
+acknowledged before the poll's transaction commits. The poll is first applied whole; only when
+PostgreSQL refuses it is it applied again record by record, each in a savepoint.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import msgspec
 import psycopg
@@ -22,6 +27,7 @@ from aiokafka.errors import KafkaError
 
 from contracts import Headers
 from projections import positions as store
+from runtime.dlq import DeadLetters
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
 
@@ -29,6 +35,9 @@ log = logging.getLogger("microgrid.projector")
 
 T = TypeVar("T")
 AfterCommit = Callable[[], Awaitable[None]] | None
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+# What PostgreSQL refuses because of a record's content, as opposed to an outage or a bug.
+REFUSED = (psycopg.DataError, psycopg.IntegrityError)
 
 
 def _header(rec: ConsumerRecord[bytes, bytes], name: str) -> str | None:
@@ -43,7 +52,9 @@ class Projection(Generic[T]):
 
     name: str
 
-    def __init__(self, s: Settings, topic: str, group: str, max_records: int) -> None:
+    def __init__(
+        self, s: Settings, topic: str, group: str, max_records: int, dlq_topic: str
+    ) -> None:
         self.s = s
         self.topic = topic
         self.group = group
@@ -63,6 +74,7 @@ class Projection(Generic[T]):
         self.conn: psycopg.AsyncConnection | None = None
         self.stopping = asyncio.Event()
         self.listener_error: BaseException | None = None
+        self.dead_letters = DeadLetters(s, dlq_topic, group)
 
     def decode(self, rec: ConsumerRecord[bytes, bytes]) -> T:
         raise NotImplementedError
@@ -97,6 +109,7 @@ class Projection(Generic[T]):
         finally:
             await self.consumer.stop()  # leaves the group
             await self.conn.close()
+            await self.dead_letters.close()
             await self.close()
 
     async def load_positions(self, partitions: list[TopicPartition]) -> None:
@@ -123,11 +136,10 @@ class Projection(Generic[T]):
                 self.positions[tp.partition] = stored[tp.partition]
                 self.consumer.seek(tp, stored[tp.partition].next_offset)
 
-    async def project(
-        self, polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-    ) -> None:
+    async def project(self, polled: dict[TopicPartition, list[Record]]) -> None:
         assert self.conn is not None
-        items: list[T] = []
+        items: list[tuple[Record, T]] = []
+        refused: list[tuple[Record, str]] = []
         moves: list[tuple[int, int, store.Position]] = []
         for tp, records in polled.items():
             pos = self.positions.get(tp.partition)
@@ -137,23 +149,74 @@ class Projection(Generic[T]):
             for rec in records:
                 if rec.offset < pos.next_offset:
                     continue  # fetched before a re-seek: already projected
-                items.extend(self._new_items(rec, marks))
+                self._admit(rec, marks, items, refused)
             end = store.Position(max(pos.next_offset, records[-1].offset + 1), marks)
             moves.append((tp.partition, pos.next_offset, end))
         if not moves:
             return
-        async with self.conn.transaction():
-            after = await self.apply(self.conn, items) if items else None
-            for partition, expected, new in moves:
-                if not await store.save_position(
-                    self.conn, self.name, self.topic, partition, expected, new
-                ):
-                    raise _Fenced(partition)
+        try:
+            after = await self._transaction(moves, [i for _, i in items], refused)
+        except REFUSED as exc:
+            log.warning(
+                "%s: PostgreSQL refused a poll of %d records (%s); applying them one by one",
+                self.name,
+                len(items),
+                exc,
+            )
+            after = await self._one_by_one(moves, items, refused)
         for partition, _, new in moves:
             self.positions[partition] = new
-        if after is not None:
-            await after()
+        for announce in after:
+            await announce()
         await self._commit_informational(moves)
+
+    async def _transaction(
+        self,
+        moves: list[tuple[int, int, store.Position]],
+        items: list[T],
+        refused: list[tuple[Record, str]],
+    ) -> list[Callable[[], Awaitable[None]]]:
+        """Apply the items and move the positions in one transaction."""
+        assert self.conn is not None
+        async with self.conn.transaction():
+            after = await self.apply(self.conn, items) if items else None
+            await self._finish(moves, refused)
+        return [after] if after is not None else []
+
+    async def _one_by_one(
+        self,
+        moves: list[tuple[int, int, store.Position]],
+        items: list[tuple[Record, T]],
+        refused: list[tuple[Record, str]],
+    ) -> list[Callable[[], Awaitable[None]]]:
+        """Apply each item in a savepoint; dead-letter those PostgreSQL refuses."""
+        assert self.conn is not None
+        announcements = []
+        async with self.conn.transaction():
+            for rec, item in items:
+                try:
+                    async with self.conn.transaction():  # a savepoint
+                        after = await self.apply(self.conn, [item])
+                except REFUSED as exc:
+                    refused.append((rec, f"refused by PostgreSQL: {exc}"))
+                    continue
+                if after is not None:
+                    announcements.append(after)
+            await self._finish(moves, refused)
+        return announcements
+
+    async def _finish(
+        self, moves: list[tuple[int, int, store.Position]], refused: list[tuple[Record, str]]
+    ) -> None:
+        """Inside the poll's transaction: dead-letter what was refused (acknowledged before the
+        commit), then move the stored positions, conditionally."""
+        assert self.conn is not None
+        await self.dead_letters.send(refused)
+        for partition, expected, new in moves:
+            if not await store.save_position(
+                self.conn, self.name, self.topic, partition, expected, new
+            ):
+                raise _Fenced(partition)
 
     async def _commit_informational(self, moves: list[tuple[int, int, store.Position]]) -> None:
         offsets = {TopicPartition(self.topic, p): n.next_offset for p, _, n in moves}
@@ -162,31 +225,31 @@ class Projection(Generic[T]):
         except (KafkaError, TimeoutError) as exc:
             log.debug("informational offset commit failed: %r", exc)
 
-    def _new_items(self, rec: ConsumerRecord[bytes, bytes], marks: dict[str, int]) -> list[T]:
-        """The record's item, or none when it repeats a projected source offset or does not
-        decode (logged and counted: a bad record must not stop the projection)."""
+    def _admit(
+        self,
+        rec: Record,
+        marks: dict[str, int],
+        items: list[tuple[Record, T]],
+        refused: list[tuple[Record, str]],
+    ) -> None:
+        """Add the record's item, unless it repeats a projected source offset; a record that
+        does not decode is refused (dead-lettered), never a reason to stop."""
         try:
             src_p = _header(rec, Headers.SOURCE_PARTITION)
             src_o = _header(rec, Headers.SOURCE_OFFSET)
             source_offset = int(src_o) if src_o is not None else None
             item = self.decode(rec)
         except (ValueError, msgspec.MsgspecError) as exc:
-            log.error(
-                "skipped undecodable record %s[%d]@%d: %s",
-                rec.topic,
-                rec.partition,
-                rec.offset,
-                exc,
-            )
             RECORDS.labels(self.group, "undecodable").inc()
-            return []
+            refused.append((rec, f"undecodable: {exc}"))
+            return
         if src_p is not None and source_offset is not None:
             if source_offset <= marks.get(src_p, -1):
                 RECORDS.labels(self.group, "duplicate").inc()
-                return []  # re-emitted upstream after a restart
+                return  # re-emitted upstream after a restart
             marks[src_p] = source_offset
         RECORDS.labels(self.group, "stored").inc()
-        return [item]
+        items.append((rec, item))
 
 
 def _within_log(tp: TopicPartition, pos: store.Position, begin: int, end: int) -> store.Position:

@@ -21,9 +21,10 @@ import msgspec
 import psycopg
 from aiokafka import ConsumerRecord
 
-from contracts import Events, Groups, Headers, Reading, ReadingBatch, Topics
+from contracts import Events, Groups, Reading, ReadingBatch, Topics
 from projections import telemetry_store as store
 from projections.base import AfterCommit, Projection
+from runtime.dlq import dlq_headers
 from runtime.events import EventStream
 from runtime.kafka import RenewableProducer
 from runtime.metrics import READINGS
@@ -45,12 +46,13 @@ class Source(msgspec.Struct, frozen=True):
 class TelemetryProjection(Projection[Source]):
     name = "telemetry"
 
-    def __init__(self, s: Settings, events: EventStream) -> None:
+    def __init__(self, s: Settings, events: EventStream, group: str | None = None) -> None:
         super().__init__(
             s,
             s.topic(Topics.TELEMETRY_VALID),
-            s.group(Groups.TELEMETRY_PROJECTOR),
+            group or s.group(Groups.TELEMETRY_PROJECTOR),
             s.projector_max_records,
+            s.topic(Topics.TELEMETRY_DLQ),
         )
         self.decoder = msgspec.json.Decoder(ReadingBatch)
         self.days: set[date] = set()
@@ -82,12 +84,12 @@ class TelemetryProjection(Projection[Source]):
         if conflicts:
             await self.dead_letter(conflicts)  # acknowledged before the transaction commits
         latest = await store.upsert_devices(conn, fresh) if fresh else []
-        self.days |= new_days
         self._counts["stored"].inc(written.inserted)
         self._counts["duplicate"].inc(repeats + written.repeats)
         self._counts["conflict"].inc(len(conflicts))
 
         async def announce() -> None:
+            self.days |= new_days  # their partitions exist once the transaction committed
             now = time.monotonic()
             due = [
                 r
@@ -115,12 +117,9 @@ class TelemetryProjection(Projection[Source]):
                 src.partition,
                 src.offset,
             )
-            headers = [
-                (Headers.DLQ_REASON, CONFLICT_REASON.encode()),
-                (Headers.DLQ_SOURCE_TOPIC, self.topic.encode()),
-                (Headers.DLQ_SOURCE_PARTITION, str(src.partition).encode()),
-                (Headers.DLQ_SOURCE_OFFSET, str(src.offset).encode()),
-            ]
+            headers = dlq_headers(
+                CONFLICT_REASON, self.group, self.topic, src.partition, src.offset
+            )
             pending.append(
                 await producer.send(
                     self.dlq, msgspec.json.encode(r), key=r.device_id.encode(), headers=headers

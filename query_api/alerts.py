@@ -1,20 +1,26 @@
-"""Alerts and notifications: filtered, cursor-paginated lists, and notification acks."""
+"""Alerts and notifications: filtered, cursor-paginated lists, and acknowledgements.
+
+An acknowledgement is an event: queued in the outbox for the `alerts` topic, applied by the
+alerts projection (the tables' only writer). The handler answers with the acknowledged row once
+the projection applied it (200), or 202 if that takes longer than a few seconds."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from litestar import Controller, Request, get, post
+import msgspec
+from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
-from contracts import Events
-from contracts.alerting import SEVERITIES
-from contracts.api import Alert, AlertPage, Notification, NotificationPage
+from contracts.alerting import SEVERITIES, AlertEvent
+from contracts.api import Accepted, Alert, AlertPage, Notification, NotificationPage
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
+from query_api.publishing import once_projected
 from query_api.services import Services
+from runtime import outbox
 from runtime.http import problem
 
 ALERTS_SQL = """
@@ -43,41 +49,49 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 """
 
-ACK_SQL = """
-WITH before AS (SELECT id, acked_at FROM notifications WHERE id = %(id)s FOR UPDATE)
-UPDATE notifications n
-SET acked_at = coalesce(n.acked_at, now()), acked_by = coalesce(n.acked_by, %(user)s)
-FROM before WHERE n.id = before.id
-RETURNING n.id, n.alert_id, n.device_id, n.site_id, n.kind, n.severity, n.title, n.created_at,
-          true AS read, n.acked_at, n.acked_by, before.acked_at IS NULL AS first_ack
+ALERT_SQL = """
+SELECT id, rule_id::text, device_id, site_id, severity, status, message, value, opened_at,
+       cleared_at, acknowledged_at, acknowledged_by
+FROM alerts WHERE id = %(id)s
 """
-
-ALERT_ACK_SQL = """
-WITH before AS (SELECT id, acknowledged_at FROM alerts WHERE id = %(id)s FOR UPDATE)
-UPDATE alerts a
-SET acknowledged_at = coalesce(a.acknowledged_at, now()),
-    acknowledged_by = coalesce(a.acknowledged_by, %(user)s),
-    status = CASE a.status WHEN 'active_unacknowledged' THEN 'active_acknowledged'
-                           WHEN 'cleared_unacknowledged' THEN 'cleared' ELSE a.status END
-FROM before WHERE a.id = before.id
-RETURNING a.id, a.rule_id::text, a.device_id, a.site_id, a.severity, a.status, a.message,
-          a.value, a.opened_at, a.cleared_at, a.acknowledged_at, a.acknowledged_by,
-          before.acknowledged_at IS NULL AS first_ack
+NOTIFICATION_SQL = """
+SELECT id, alert_id, device_id, site_id, kind, severity, title, created_at,
+       acked_at IS NOT NULL AS read, acked_at, acked_by
+FROM notifications WHERE id = %(id)s
 """
 
 
 async def _acknowledge(
-    services: Services, sql: str, ident: str, user: str, event: str, what: str
-) -> dict[str, Any]:
+    services: Services, ident: str, user: str, what: str
+) -> tuple[dict[str, Any], bool]:
+    """Queue the acknowledgement of an alert or notification (unless it has one); return the
+    row and whether it shows the acknowledgement yet."""
+    alert = what == "alert"
+    sql = ALERT_SQL if alert else NOTIFICATION_SQL
     async with services.pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(sql, {"id": ident, "user": user})
+        await cur.execute(sql, {"id": ident})
         row = await cur.fetchone()
-    if row is None:
-        raise problem(404, f"Unknown {what}", f"no {what} {ident!r}")
-    if row.pop("first_ack"):
-        await services.events.append([(event, row)])
-    return row
+        if row is None:
+            raise problem(404, f"Unknown {what}", f"no {what} {ident!r}")
+        if row["acknowledged_at" if alert else "acked_at"] is not None:
+            return row, True  # the first acknowledgement stands
+        event = AlertEvent(
+            alert_id=ident if alert else (row["alert_id"] or ""),
+            kind="acknowledged" if alert else "read",
+            rule_id=row["rule_id"] if alert else "",
+            rule_name="",
+            device_id=row["device_id"],
+            site_id=row["site_id"],
+            severity=row["severity"],
+            at=datetime.now(UTC),
+            by=user,
+            notification_id=None if alert else ident,
+        )
+        await outbox.add(conn, services.alerts_topic, row["device_id"], msgspec.json.encode(event))
+    done = f"{sql} AND {'acknowledged_at' if alert else 'acked_at'} IS NOT NULL"
+    shown = await once_projected(services, done, {"id": ident})
+    return (shown, True) if shown is not None else (row, False)
 
 
 Severity = Annotated[str | None, Parameter(description=", ".join(SEVERITIES))]
@@ -127,18 +141,14 @@ class AlertController(Controller):
     @post("/{alert_id:str}/ack", guards=[OPERATORS], status_code=200)
     async def ack_alert(
         self, services: Services, request: Request[Any, Any, Any], alert_id: str
-    ) -> Alert:
+    ) -> Response[Alert | Accepted]:
         """Acknowledge an alert: active -> active_acknowledged, cleared_unacknowledged ->
-        cleared. Acking twice keeps the first acknowledgement."""
-        row = await _acknowledge(
-            services,
-            ALERT_ACK_SQL,
-            alert_id,
-            request.user.username,
-            Events.ALERT_ACKNOWLEDGED,
-            "alert",
-        )
-        return Alert(**row)
+        cleared. Acking twice keeps the first acknowledgement. 200 with the acknowledged alert;
+        202 when it is stored but not shown yet."""
+        row, shown = await _acknowledge(services, alert_id, request.user.username, "alert")
+        if not shown:
+            return Response(Accepted(id=alert_id), status_code=202)
+        return Response(Alert(**row))
 
 
 class NotificationController(Controller):
@@ -172,14 +182,12 @@ class NotificationController(Controller):
     @post("/{notification_id:str}/ack", guards=[OPERATORS], status_code=200)
     async def ack_notification(
         self, services: Services, request: Request[Any, Any, Any], notification_id: str
-    ) -> Notification:
-        """Mark a notification read. Acking twice keeps the first ack."""
-        row = await _acknowledge(
-            services,
-            ACK_SQL,
-            notification_id,
-            request.user.username,
-            Events.NOTIFICATION_ACKED,
-            "notification",
+    ) -> Response[Notification | Accepted]:
+        """Mark a notification read. Acking twice keeps the first ack. 200 with the read
+        notification; 202 when it is stored but not shown yet."""
+        row, shown = await _acknowledge(
+            services, notification_id, request.user.username, "notification"
         )
-        return Notification(**row)
+        if not shown:
+            return Response(Accepted(id=notification_id), status_code=202)
+        return Response(Notification(**row))

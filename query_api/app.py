@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await asyncio.to_thread(_seed_users, s)
         await services.start()
-        async with services.pool.connection() as conn:
+        async with services.pool.connection() as conn, conn.transaction():
             await publish_all_rules(conn, services)
         try:
             yield

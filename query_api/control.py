@@ -1,23 +1,24 @@
-"""Control commands: validated per device type, stored as `queued` and published to
-`control.commands` in one step (the controller takes it from there), listed with their history.
+"""Control commands: validated per device type, recorded in the API's ledger and queued in the
+outbox for `control.commands` in one transaction (the controller takes it from there), listed
+with their history from the control read model, which only the control projection writes.
 
-An `Idempotency-Key` header makes a retried request return the command it created first.
+A command's id is derived from the user and the `Idempotency-Key` header, and the ledger keeps
+one command per key: a retried request returns the command it created first, which executes
+once.
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.params import Parameter
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
-from contracts import Events
 from contracts.api import (
     CommandAccepted,
     CommandPage,
@@ -28,21 +29,27 @@ from contracts.api import (
 from contracts.control import DEFAULT_TTL_S, CommandRequested, command_errors
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
-from query_api.publishing import append_or_503
+from query_api.publishing import once_projected
 from query_api.services import Services
+from runtime import outbox
 from runtime.http import problem
 
 COLUMNS = (
     "id::text, device_id, command, params, status, reason, ttl_s, deadline, requested_by,"
-    " created_at, updated_at, history"
+    " created_at, updated_at, history, delivered_at"
 )
-INSERT_SQL = f"""
-INSERT INTO control_commands
-    (id, device_id, command, params, status, ttl_s, deadline, requested_by, idempotency_key,
-     history)
-VALUES (%s, %s, %s, %s, 'queued', %s, %s, %s, %s, %s)
-ON CONFLICT (requested_by, idempotency_key) DO NOTHING
-RETURNING {COLUMNS}
+# Ids of commands sent with an Idempotency-Key: uuid5(this, user + key).
+ID_NAMESPACE: Final = uuid.UUID("9b7e4f1c-52a4-4d0e-8d0c-6a1f3f1b7c21")
+LEDGER_SQL = """
+INSERT INTO command_requests (id, requested_by, idempotency_key, device_id)
+VALUES (%s, %s, %s, %s)
+ON CONFLICT DO NOTHING
+RETURNING id
+"""
+BY_KEY_SQL = """
+SELECT r.id::text, coalesce(c.status, 'queued') FROM command_requests r
+LEFT JOIN control_commands c USING (id)
+WHERE r.requested_by = %s AND r.idempotency_key = %s
 """
 LIST_SQL = f"""
 SELECT {COLUMNS} FROM control_commands
@@ -55,32 +62,16 @@ LIMIT %(limit)s
 """
 
 
+def command_id(user: str, idempotency_key: str | None) -> uuid.UUID:
+    if idempotency_key is None:
+        return uuid.uuid4()
+    return uuid.uuid5(ID_NAMESPACE, f"{user}\n{idempotency_key}")
+
+
 async def _by_key(conn: AsyncConnection[Any], user: str, key: str) -> CommandAccepted | None:
-    cur = await conn.execute(
-        "SELECT id::text, status FROM control_commands"
-        " WHERE requested_by = %s AND idempotency_key = %s",
-        (user, key),
-    )
+    cur = await conn.execute(BY_KEY_SQL, (user, key))
     row = await cur.fetchone()
     return CommandAccepted(id=row[0], status=row[1]) if row else None
-
-
-async def _publish(services: Services, row: dict[str, Any]) -> None:
-    request = CommandRequested(
-        id=row["id"],
-        device_id=row["device_id"],
-        command=row["command"],
-        params=row["params"],
-        requested_at=row["created_at"],
-        deadline=row["deadline"],
-    )
-    await append_or_503(
-        services,
-        services.commands_topic,
-        request.device_id,
-        msgspec.json.encode(request),
-        "Command",
-    )
 
 
 def _command(row: dict[str, Any]) -> ControlCommand:
@@ -102,9 +93,10 @@ class ControlCommandController(Controller):
             str | None, Parameter(header="Idempotency-Key", max_length=128)
         ] = None,
     ) -> CommandAccepted:
-        """Queue a command for a device; follow it with GET .../{id}."""
+        """Queue a command for a device; follow it with GET .../{id}. The answer comes once the
+        command is stored, and shows in GET as soon as the controller took it (usually before
+        this answer)."""
         user = request.user.username
-        seen: CommandAccepted | None = None
         async with services.pool.connection() as conn:
             if idempotency_key and (seen := await _by_key(conn, user, idempotency_key)):
                 return seen
@@ -119,34 +111,36 @@ class ControlCommandController(Controller):
                 raise problem(422, "Invalid command", errors[0]["message"], errors=errors)
             ttl = data.ttl_s or DEFAULT_TTL_S
             now = datetime.now(UTC)
-            history = [{"status": "queued", "at": now.isoformat()}]
-            command_id = uuid.uuid4()
-            inserted = conn.cursor(row_factory=dict_row)
-            await inserted.execute(
-                INSERT_SQL,
-                (
-                    command_id,
-                    data.device_id,
-                    data.command,
-                    Jsonb(data.params),
-                    ttl,
-                    now + timedelta(seconds=ttl),
-                    user,
-                    idempotency_key,
-                    Jsonb(history),
-                ),
-            )
-            row = await inserted.fetchone()
-            if row is None and idempotency_key:  # a concurrent retry with this key won
-                seen = await _by_key(conn, user, idempotency_key)
-            elif row is not None:
-                await _publish(services, row)
-                await conn.commit()  # stored only once the controller's topic has it
-        if row is None and seen is not None:
+            ident = command_id(user, idempotency_key)
+            async with conn.transaction():
+                cur = await conn.execute(LEDGER_SQL, (ident, user, idempotency_key, data.device_id))
+                if await cur.fetchone() is None:  # a concurrent retry with this key won
+                    seen = await _by_key(conn, user, idempotency_key or "")
+                else:
+                    seen = None
+                    requested = CommandRequested(
+                        id=str(ident),
+                        device_id=data.device_id,
+                        command=data.command,
+                        params=data.params,
+                        requested_at=now,
+                        deadline=now + timedelta(seconds=ttl),
+                        requested_by=user,
+                    )
+                    await outbox.add(
+                        conn,
+                        services.commands_topic,
+                        data.device_id,
+                        msgspec.json.encode(requested),
+                    )
+        if seen is not None:
             return seen
-        assert row is not None
-        await services.events.append([(Events.CONTROL_UPDATED, row)])
-        return CommandAccepted(id=row["id"], status="queued")
+        # read-your-writes: the command shows in GET once this answer comes, unless the
+        # pipeline is slower than the wait (then it shows later: it is stored)
+        await once_projected(
+            services, "SELECT 1 FROM control_commands WHERE id = %(id)s", {"id": ident}
+        )
+        return CommandAccepted(id=str(ident), status="queued")
 
     @get()
     async def list_commands(

@@ -1,32 +1,32 @@
-"""Writes of the query API to Kafka, made inside the database transaction they belong to:
-if the broker does not acknowledge, the request fails with 503 and the transaction rolls back."""
+"""What the query API's writes share: they go through the outbox (`runtime.outbox`), and the
+read models change only when their projection applies the event. A handler then waits a little
+for its change to show, so a client reads what it wrote; past that wait the change is stored
+and will show, and the answer says so (202)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any, Final
 
-from aiokafka.errors import KafkaError
+from psycopg.rows import dict_row
 
 from query_api.services import Services
-from runtime.http import problem
 
-ACK_TIMEOUT_S = 5.0
+VISIBLE_WAIT_S: Final = 5.0
+POLL_S: Final = 0.02
 
 
-async def append_or_503(
-    services: Services, topic: str, key: str, value: bytes | None, what: str
-) -> None:
-    producer = services.producer.producer
-    assert producer is not None, "the app's lifespan starts the producer"
-    try:
-        await asyncio.wait_for(
-            producer.send_and_wait(topic, value, key=key.encode()), timeout=ACK_TIMEOUT_S
-        )
-    except (KafkaError, TimeoutError) as exc:
-        await services.producer.renew_if_broken()
-        raise problem(
-            503,
-            f"{what} log unavailable",
-            "nothing was stored; retry",
-            headers={"Retry-After": "2"},
-        ) from exc
+async def once_projected(
+    services: Services, sql: str, params: dict[str, Any], wait_s: float = VISIBLE_WAIT_S
+) -> dict[str, Any] | None:
+    """The first row `sql` returns within `wait_s`, None if none by then."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        async with services.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql, params)
+            row = await cur.fetchone()
+        if row is not None or time.monotonic() >= deadline:
+            return row
+        await asyncio.sleep(POLL_S)

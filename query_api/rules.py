@@ -1,8 +1,9 @@
 """Alert rules: anyone reads them, admins create, replace and delete them.
 
-Every change is also published to the compacted `alert-rules` topic (keyed by rule id, a
-tombstone for a deletion) inside the database transaction, so a rule is stored only if the
-alerters will see it. At start the API republishes every stored rule. What every kind has is a
+Every change is also queued in the outbox (`runtime.outbox`) in the same transaction, for the
+compacted `alert-rules` topic (keyed by rule id, a tombstone for a deletion): a stored change
+reaches every alerter, and a change rolled back never does. At start the API queues every
+stored rule again, so a recreated topic is filled. What every kind has is a
 column; the kind's own parameters are one jsonb column, so a new kind needs no migration.
 """
 
@@ -21,8 +22,9 @@ from psycopg.types.json import Jsonb
 from contracts.alerting import COMMON_FIELDS, AlertRuleSpec
 from contracts.api import AlertRulePage
 from query_api.auth import ADMINS
-from query_api.publishing import append_or_503
+from query_api.publishing import once_projected
 from query_api.services import Services
+from runtime import outbox
 from runtime.http import problem
 
 log = logging.getLogger("microgrid.api")
@@ -66,13 +68,27 @@ def _record(rule: AlertRuleSpec) -> bytes:
     return msgspec.json.encode(msgspec.structs.replace(rule, created_at=None, updated_at=None))
 
 
-async def publish_rule(services: Services, rule_id: str, value: bytes | None) -> None:
-    await append_or_503(services, services.rules_topic, rule_id, value, "Rules")
+async def publish_rule(
+    conn: psycopg.AsyncConnection, services: Services, rule_id: str, value: bytes | None
+) -> int:
+    return await outbox.add(conn, services.rules_topic, rule_id, value)
+
+
+async def published(services: Services, outbox_id: int) -> None:
+    """Wait a little for the relay to publish the change, so that the answer usually comes
+    once the alerters can see it; past the wait the change is stored and will be published."""
+    await once_projected(
+        services,
+        "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE id = %(id)s)",
+        {"id": outbox_id},
+    )
 
 
 async def publish_all_rules(conn: psycopg.AsyncConnection, services: Services) -> int:
+    """Queue every rule again (inside the caller's transaction). The rows are locked until it
+    commits, so a concurrent change or deletion queues its record after these, never before."""
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(f"SELECT {COLUMNS} FROM alert_rules")
+    await cur.execute(f"SELECT {COLUMNS} FROM alert_rules ORDER BY id FOR SHARE")
     published = 0
     for row in await cur.fetchall():
         rule_id = row["id"]
@@ -81,7 +97,7 @@ async def publish_all_rules(conn: psycopg.AsyncConnection, services: Services) -
         except msgspec.ValidationError as exc:  # written around the API: say so, start anyway
             log.error("alert rule %s is not a valid rule and was not published: %s", rule_id, exc)
             continue
-        await publish_rule(services, rule_id, _record(rule))
+        await publish_rule(conn, services, rule_id, _record(rule))
         published += 1
     return published
 
@@ -119,7 +135,8 @@ class AlertRuleController(Controller):
             row = await cur.fetchone()
             assert row is not None
             rule = _rule(row)
-            await publish_rule(services, row["id"], _record(rule))
+            queued = await publish_rule(conn, services, row["id"], _record(rule))
+        await published(services, queued)
         return rule
 
     @put("/{rule_id:uuid}", guards=[ADMINS])
@@ -134,7 +151,8 @@ class AlertRuleController(Controller):
             if row is None:
                 raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
             rule = _rule(row)
-            await publish_rule(services, row["id"], _record(rule))
+            queued = await publish_rule(conn, services, row["id"], _record(rule))
+        await published(services, queued)
         return rule
 
     @delete("/{rule_id:uuid}", guards=[ADMINS], status_code=204)
@@ -143,4 +161,5 @@ class AlertRuleController(Controller):
             cur = await conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))
             if cur.rowcount == 0:
                 raise problem(404, "Unknown alert rule", f"no rule {rule_id}")
-            await publish_rule(services, str(rule_id), None)
+            queued = await publish_rule(conn, services, str(rule_id), None)
+        await published(services, queued)

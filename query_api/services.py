@@ -1,7 +1,12 @@
 """What the query API's handlers use, made once per process and given to them by dependency
-injection: the database pool, Redis, the Kafka producer and probe, the live event stream."""
+injection: the database pool, Redis, the Kafka probe, the live event stream, and the outbox
+relay with its producer (started on first need: the API takes requests while the broker is
+away, and the relay publishes them when it returns)."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
 
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
@@ -9,27 +14,54 @@ from redis.asyncio import Redis
 from contracts import Topics
 from runtime.events import EventStream
 from runtime.kafka import KafkaProbe, RenewableProducer
+from runtime.outbox import Relay
 from runtime.settings import Settings
+
+# Request-time Redis calls give up within seconds; the SSE stream has a client of its own whose
+# reads outlast its blocking XREAD (the heartbeat).
+REDIS_TIMEOUT_S = 2.0
+STREAM_READ_TIMEOUT_S = 30.0
 
 
 class Services:
     def __init__(self, s: Settings) -> None:
         self.settings = s
-        self.pool = AsyncConnectionPool(s.database_url, min_size=1, max_size=8, open=False)
-        self.redis = Redis.from_url(s.redis_url)
+        self.pool = AsyncConnectionPool(
+            s.database_url,
+            min_size=1,
+            max_size=8,
+            open=False,
+            check=AsyncConnectionPool.check_connection,  # a connection a restart broke: replaced
+        )
+        self.redis = Redis.from_url(
+            s.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
+        )
+        self.stream_redis = Redis.from_url(
+            s.redis_url,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            socket_timeout=STREAM_READ_TIMEOUT_S,
+        )
         self.kafka_probe = KafkaProbe(s)
         self.producer = RenewableProducer(s, "microgrid-api")
         self.events = EventStream(s)
         self.rules_topic = s.topic(Topics.ALERT_RULES)
         self.commands_topic = s.topic(Topics.CONTROL_COMMANDS)
+        self.alerts_topic = s.topic(Topics.ALERTS)
+        self.relay = Relay(s, self.producer)
+        self.relay_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.pool.open()
-        await self.producer.start()
+        self.relay_task = asyncio.create_task(self.relay.run())
 
     async def stop(self) -> None:
+        if self.relay_task is not None:
+            self.relay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.relay_task
         await self.events.close()
         await self.producer.stop()
         await self.kafka_probe.close()
         await self.redis.aclose()
+        await self.stream_redis.aclose()
         await self.pool.close()

@@ -60,9 +60,7 @@ class DeadLetters:
                 reason,
             )
             headers = dlq_headers(reason, self.stage, rec.topic, rec.partition, rec.offset)
-            pending.append(
-                await producer.send(self.topic, rec.value, key=rec.key, headers=headers)
-            )
+            pending.append(await producer.send(self.topic, rec.value, key=rec.key, headers=headers))
             RECORDS.labels(self.stage, "dead-lettered").inc()
         try:
             await asyncio.gather(*pending)

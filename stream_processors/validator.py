@@ -19,6 +19,7 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Headers, TimeWindow, Topics
+from runtime.dlq import dlq_headers
 from runtime.kafka import RenewableProducer
 from runtime.metrics import RECORDS, report_lag, serve_metrics
 from runtime.settings import Settings
@@ -86,12 +87,9 @@ class RecordRouter:
                     rec.offset,
                     verdict.reason,
                 )
-                headers = [
-                    (Headers.DLQ_REASON, verdict.reason.encode()),
-                    (Headers.DLQ_SOURCE_TOPIC, rec.topic.encode()),
-                    (Headers.DLQ_SOURCE_PARTITION, str(rec.partition).encode()),
-                    (Headers.DLQ_SOURCE_OFFSET, str(rec.offset).encode()),
-                ]
+                headers = dlq_headers(
+                    verdict.reason, self.group, rec.topic, rec.partition, rec.offset
+                )
                 fut = await producer.send(self.dlq, rec.value, key=rec.key, headers=headers)
             pending.append(fut)
             RECORDS.labels(self.group, "valid" if isinstance(verdict, Valid) else "dlq").inc()
@@ -128,8 +126,9 @@ def create_app(s: Settings) -> FastStream:
     )
     broker.publisher(
         s.topic(Topics.TELEMETRY_DLQ),
-        description="Refused raw records, unchanged; headers give the reason "
-        f"({Headers.DLQ_REASON}) and origin ({Headers.DLQ_SOURCE_TOPIC}, "
+        description="Refused raw records, unchanged (and readings the telemetry projection "
+        f"refused); headers give the reason ({Headers.DLQ_REASON}), the stage that refused "
+        f"it ({Headers.DLQ_STAGE}) and origin ({Headers.DLQ_SOURCE_TOPIC}, "
         f"{Headers.DLQ_SOURCE_PARTITION}, {Headers.DLQ_SOURCE_OFFSET}).",
     )
     app = FastStream(broker)

@@ -314,7 +314,7 @@ def test_auth_matrix(
 def written(db: psycopg.Connection) -> tuple[Any, ...]:
     """What the API's writes touch: commands, rules (and their last change), acks."""
     row = db.execute(
-        "SELECT (SELECT count(*) FROM control_commands),"
+        "SELECT (SELECT count(*) FROM command_requests),"
         " (SELECT count(*) FROM alert_rules), (SELECT max(updated_at) FROM alert_rules),"
         " (SELECT count(*) FROM notifications WHERE acked_at IS NOT NULL)"
     ).fetchone()
@@ -798,9 +798,13 @@ def test_idempotency_key_and_device_filter(
     assert retry.status_code == 202, retry.text
     assert retry.json()["id"] == first.json()["id"]
     row = db.execute(
-        "SELECT count(*) FROM control_commands WHERE idempotency_key = %s", (key,)
+        "SELECT count(*) FROM command_requests WHERE idempotency_key = %s", (key,)
     ).fetchone()
     assert row == (1,)
+    shown = db.execute(
+        "SELECT count(*) FROM control_commands WHERE id = %s", (first.json()["id"],)
+    ).fetchone()
+    assert shown == (1,)
 
     ids = [first.json()["id"]]
     for power in (1.0, 3.0, 4.0):
