@@ -69,7 +69,13 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.s = settings
-        self.pool = AsyncConnectionPool(settings.database_url, min_size=1, max_size=4, open=False)
+        self.pool = AsyncConnectionPool(
+            settings.database_url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            check=AsyncConnectionPool.check_connection,  # a connection a restart broke: replaced
+        )
         self.keys = KeyStore(self.pool, settings.ingest_key_cache_s)
         self.producer = RenewableProducer(settings, "microgrid-gateway", linger_ms=0)
         self.window = SendWindow(settings.producer_linger_ms / 1000)

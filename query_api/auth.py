@@ -3,11 +3,16 @@
 Tokens are HS256 JWTs (Litestar's JWTAuth) carrying the username and role, so a request costs
 no database read. Failed logins are counted in Redis per username and per client address;
 past `LOGIN_MAX_FAILURES` within `LOGIN_LOCKOUT_S` the login answers 429 with Retry-After.
+While Redis cannot be reached the counts are kept in this process instead (logged, and counted
+in `microgrid_login_throttle_local_total`): logins keep working and stay throttled, per API
+process rather than across them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -15,17 +20,27 @@ from typing import Any
 import psycopg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
+from limits.aio.storage import MemoryStorage
 from litestar import Request, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.security.jwt import JWTAuth, Token
+from prometheus_client import Counter
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from contracts.api import LoginRequest, Role, TokenResponse
 from query_api.services import Services
 from runtime.http import problem
 from runtime.settings import DEV_TOKEN_SECRET, Settings
+
+log = logging.getLogger("microgrid.api")
+
+LOCAL_THROTTLE = Counter(
+    "microgrid_login_throttle_local_total",
+    "Login throttle checks and counts kept in the process because Redis could not be reached",
+)
 
 HASHER = PasswordHasher()
 # Verified against when the username is unknown, so both cases cost the same time.
@@ -95,31 +110,59 @@ ADMINS = require("admin")
 
 
 class LoginThrottle:
+    """Failed logins per username and per client address, in Redis; in the process (limits'
+    memory storage, entries expiring with their window) while Redis cannot be reached."""
+
     def __init__(self, redis: Redis, max_failures: int, window_s: int) -> None:
         self.redis = redis
+        self.local = MemoryStorage()
         self.max = max_failures
         self.window = window_s
 
     def _keys(self, username: str, client: str) -> list[str]:
         return [f"login-failures:user:{username}", f"login-failures:addr:{client}"]
 
+    def _limit(self, key: str) -> int:
+        return self.max if ":user:" in key else self.max * 4
+
+    @staticmethod
+    def _degraded(exc: RedisError) -> None:
+        LOCAL_THROTTLE.inc()
+        log.warning("login throttle kept in this process, Redis unavailable: %r", exc)
+
     async def retry_after(self, username: str, client: str) -> int | None:
+        try:
+            for key in self._keys(username, client):
+                count = await self.redis.get(key)
+                if count is not None and int(count) >= self._limit(key):
+                    return max(1, int(await self.redis.ttl(key)))
+            return None
+        except RedisError as exc:
+            self._degraded(exc)
         for key in self._keys(username, client):
-            count = await self.redis.get(key)
-            limit = self.max if ":user:" in key else self.max * 4
-            if count is not None and int(count) >= limit:
-                return max(1, int(await self.redis.ttl(key)))
+            if await self.local.get(key) >= self._limit(key):
+                return max(1, int(await self.local.get_expiry(key) - time.time()))
         return None
 
     async def failed(self, username: str, client: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for key in self._keys(username, client):
+                    pipe.incr(key)
+                    pipe.expire(key, self.window, nx=True)
+                await pipe.execute()
+        except RedisError as exc:
+            self._degraded(exc)
             for key in self._keys(username, client):
-                pipe.incr(key)
-                pipe.expire(key, self.window, nx=True)
-            await pipe.execute()
+                await self.local.incr(key, self.window)
 
     async def succeeded(self, username: str) -> None:
-        await self.redis.delete(self._keys(username, "")[0])
+        key = self._keys(username, "")[0]
+        await self.local.clear(key)
+        try:
+            await self.redis.delete(key)
+        except RedisError as exc:
+            self._degraded(exc)
 
 
 @post("/api/v1/auth/login", opt={"public": True}, status_code=200, tags=["auth"])

@@ -20,6 +20,7 @@ from runtime.settings import Settings
 # Request-time Redis calls give up within seconds; the SSE stream has a client of its own whose
 # reads outlast its blocking XREAD (the heartbeat).
 REDIS_TIMEOUT_S = 2.0
+POOL_WAIT_S = 5.0  # for a connection: while PostgreSQL is away requests fail after this
 STREAM_READ_TIMEOUT_S = 30.0
 
 
@@ -32,6 +33,7 @@ class Services:
             max_size=8,
             open=False,
             check=AsyncConnectionPool.check_connection,  # a connection a restart broke: replaced
+            timeout=POOL_WAIT_S,  # then PoolTimeout: a 503 (runtime.http)
         )
         self.redis = Redis.from_url(
             s.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S

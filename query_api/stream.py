@@ -5,6 +5,10 @@ costs only its own bounded batch and never slows the others. A client that recon
 `Last-Event-ID` gets every event still in the stream after that id; one that fell so far behind
 that its next event was trimmed gets an `error` event and is disconnected. Comments keep idle
 connections alive through proxies.
+
+While Redis cannot be reached the stream answers 503 (problem+json, `Retry-After`), and an open
+stream ends; the projections hold the events of that time and publish them once Redis returns,
+so a client that comes back with `Last-Event-ID` receives them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Annotated, Any
 from litestar import Request, get
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import Parameter
+from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.security.jwt import Token
 from redis.asyncio import Redis
@@ -24,8 +29,19 @@ from contracts import Streams
 from query_api.services import Services
 from runtime.http import problem
 
-HEARTBEAT_MS = 15_000
+HEARTBEAT_MS = 15_000  # below services.STREAM_READ_TIMEOUT_S
 BATCH = 200
+RETRY_AFTER_S = 5
+
+
+def _unavailable() -> ProblemDetailsException:
+    return problem(
+        503,
+        "Live events unavailable",
+        "the live event store (Redis) cannot be reached: retry later, resuming with"
+        " Last-Event-ID; the events of this time are published when it returns",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def _authenticate(
@@ -56,19 +72,19 @@ async def _events(
     while True:
         try:
             found: Any = await redis.xread({key: cursor}, count=BATCH, block=HEARTBEAT_MS)
+            full = bool(found) and len(found[0][1]) == BATCH
+            first: Any = await redis.xrange(key, count=1) if full else None
         except RedisError:  # Redis gone (or the API stopping): end; the client reconnects
             return
         if not found:
             yield ServerSentEventMessage(comment="keep-alive")
             continue
         entries = found[0][1]
-        if cursor != "$" and len(entries) == BATCH:
-            first: Any = await redis.xrange(key, count=1)
-            if first and _older(cursor, first[0][0].decode()):
-                yield ServerSentEventMessage(
-                    event="error", data='{"reason": "fell behind: events were dropped"}'
-                )
-                return
+        if full and first and _older(cursor, first[0][0].decode()):
+            yield ServerSentEventMessage(
+                event="error", data='{"reason": "fell behind: events were dropped"}'
+            )
+            return
         for entry_id, fields in entries:
             cursor = entry_id.decode()
             yield ServerSentEventMessage(
@@ -86,15 +102,23 @@ async def stream(
     """alert.*, notification.*, control.updated and device.latest events, as they happen."""
     _authenticate(request, services, access_token)
     key = services.settings.topic(Streams.EVENTS)
-    cursor, notice = "$", None
+    redis = services.stream_redis
+    notice = None
     if last_event_id:
         try:
             _older(last_event_id, "0-0")
         except ValueError as exc:
             raise problem(400, "Invalid Last-Event-ID", "pass back an event id") from exc
-        cursor = last_event_id
-        first: Any = await services.redis.xrange(key, count=1)
-        if first and _older(cursor, first[0][0].decode()):
-            # resumed too late: say so, then send what is left
-            cursor, notice = "0-0", "resumed after events were dropped: reload the views"
-    return ServerSentEvent(_events(services.redis, key, cursor, notice))
+    try:
+        if last_event_id:
+            cursor = last_event_id
+            first: Any = await redis.xrange(key, count=1)
+            if first and _older(cursor, first[0][0].decode()):
+                # resumed too late: say so, then send what is left
+                cursor, notice = "0-0", "resumed after events were dropped: reload the views"
+        else:  # from the stream's current end: nothing appended after this point is missed
+            last: Any = await redis.xrevrange(key, count=1)
+            cursor = last[0][0].decode() if last else "0-0"
+    except RedisError as exc:
+        raise _unavailable() from exc
+    return ServerSentEvent(_events(redis, key, cursor, notice))

@@ -1,5 +1,8 @@
 """HTTP plumbing shared by the gateway and the query API: the one error shape (RFC 9457
-problem+json), health, Prometheus metrics, OpenAPI docs and CORS."""
+problem+json), health, Prometheus metrics, OpenAPI docs and CORS.
+
+A request that meets a PostgreSQL or Redis outage is answered 503 with `Retry-After` (the
+same request may succeed later), not 500."""
 
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from litestar.plugins.problem_details import (
     ProblemDetailsPlugin,
 )
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("microgrid.http")
 
@@ -51,6 +56,31 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
 def _invalid_value(request: Request[Any, Any, Any], exc: psycopg.DataError) -> Response[Any]:
     # e.g. a NUL character, which PostgreSQL text cannot hold
     return problem(400, "Invalid value", str(exc).splitlines()[0]).to_response(request)
+
+
+OUTAGE_RETRY_AFTER_S = 5
+
+
+def _postgres_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # a server restarting or gone (psycopg.OperationalError: AdminShutdown, connection
+    # refused...) or every pooled connection busy past the wait (PoolTimeout)
+    log.warning("PostgreSQL unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return problem(
+        503,
+        "Database unavailable",
+        "PostgreSQL cannot be reached right now: retry later",
+        headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)},
+    ).to_response(request)
+
+
+def _redis_unavailable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.warning("Redis unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return problem(
+        503,
+        "Redis unavailable",
+        "Redis cannot be reached right now: retry later",
+        headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)},
+    ).to_response(request)
 
 
 # msgspec names a missing or unknown field in its message, not in the error's path
@@ -119,6 +149,10 @@ def problem_details_plugin() -> ProblemDetailsPlugin:
 exception_handlers = {
     Exception: _unexpected,
     psycopg.DataError: _invalid_value,
+    psycopg.OperationalError: _postgres_unavailable,
+    PoolTimeout: _postgres_unavailable,
+    RedisConnectionError: _redis_unavailable,
+    RedisTimeoutError: _redis_unavailable,
     ValidationException: _invalid_request,
 }
 

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     device_offline_after_s: int = Field(120, ge=1)
     device_latest_interval_s: float = Field(2.0, ge=0, description="per-device SSE throttle")
     event_stream_maxlen: int = Field(10_000, ge=100, description="events kept for resuming")
+    event_backlog_max: int = Field(
+        10_000, ge=100, description="live events held per kind while Redis is away"
+    )
 
     # Prometheus endpoints of the consumer processes (HTTP apps serve /metrics themselves)
     metrics_host: str = "127.0.0.1"

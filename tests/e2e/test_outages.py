@@ -1,0 +1,158 @@
+"""Outages stay local: with Redis away the projections keep writing PostgreSQL, the live stream
+answers 503 and catches up once Redis returns; after a PostgreSQL restart the next request
+succeeds. Private Redis and PostgreSQL instances (tests/outages.py) and a Kafka namespace of
+their own keep the shared stack untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from runtime.db import migrate
+from runtime.kafka import delete_topics, ensure_topics, topic_specs
+from runtime.settings import Settings
+from tests.conftest import RUN_ID, Components, free_port, wait_for
+from tests.e2e.test_reading_identity import RetryingLoad, identity_rows
+from tests.outages import PrivatePostgres, PrivateRedis
+from tests.sse import SSEClient
+
+OUTAGE_S = 30
+
+
+@pytest.fixture(scope="module")
+def namespace(stack: Settings) -> Iterator[Settings]:
+    """Topics of their own, so these components share no consumer group with the platform's."""
+    s = stack.model_copy(update={"kafka_namespace": f"test-{RUN_ID}-outages."})
+    asyncio.run(ensure_topics(s))
+    yield s
+    asyncio.run(delete_topics(s, [t.name for t in topic_specs(s)]))
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[PrivateRedis]:
+    r = PrivateRedis()
+    r.up()
+    yield r
+    r.remove()
+
+
+def env_for(s: Settings, redis: PrivateRedis, **more: str) -> dict[str, str]:
+    return {
+        "KAFKA_NAMESPACE": s.kafka_namespace,
+        "REDIS_URL": redis.url,
+        "GATEWAY_PORT": str(free_port()),
+        "API_PORT": str(free_port()),
+        "VALIDATOR_METRICS_PORT": str(free_port()),
+        "PROJECTOR_METRICS_PORT": str(free_port()),
+        **more,
+    }
+
+
+def login(api: str, s: Settings) -> httpx.Response:
+    body = {"username": s.auth_admin_username, "password": s.auth_admin_password}
+    return httpx.post(f"{api}/api/v1/auth/login", json=body, timeout=20)
+
+
+def test_redis_away_for_30_s_under_load(
+    namespace: Settings,
+    redis: PrivateRedis,
+    db: psycopg.Connection,
+    site: str,
+    device_key: str,
+    tmp_path: Path,
+) -> None:
+    env = env_for(namespace, redis)
+    api = f"http://127.0.0.1:{env['API_PORT']}"
+    ingest = f"http://127.0.0.1:{env['GATEWAY_PORT']}/api/v1/telemetry/batch"
+    parts = Components(namespace, tmp_path)
+    try:
+        for name in ("validator", "projector", "gateway", "api"):
+            parts.start(name, **env)
+        token = login(api, namespace).json()["access_token"]
+        with RetryingLoad(ingest, device_key, site) as load:
+            wait_for(lambda: identity_rows(db, load.devices)[0] >= 500, 60, what="load under way")
+            live = SSEClient(f"{api}/api/v1/stream", token)
+            seen = wait_for(lambda: live.of("device.latest"), 30, what="a live device.latest")
+            live.close()
+            resume_from = seen[-1].id
+
+            redis.down()
+            outage_began, before = load.stamp, load.sent
+            gone = time.monotonic()
+            r = httpx.get(f"{api}/api/v1/stream", params={"access_token": token}, timeout=10)
+            assert r.status_code == 503, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert int(r.headers["retry-after"]) >= 1
+            assert login(api, namespace).status_code == 200  # throttle kept in the process
+            # the projections keep writing while Redis is away
+            wait_for(
+                lambda: identity_rows(db, load.devices)[0] >= before + 1000,
+                60,
+                what="readings stored during the outage",
+            )
+            wait_for(lambda: time.monotonic() - gone >= OUTAGE_S, OUTAGE_S + 5, what="30 s")
+        # every reading answered 202 is stored, Redis still down
+        wait_for(lambda: identity_rows(db, load.devices)[0] >= load.sent, 60, what="every reading")
+        assert identity_rows(db, load.devices) == (load.sent, load.sent)
+        assert parts.procs["projector"].poll() is None, "the projector exited"
+        outage_ended = load.stamp
+
+        redis.up()
+        back = time.monotonic()
+        resumed = SSEClient(f"{api}/api/v1/stream", token, last_event_id=resume_from)
+        assert resumed.status == 200
+
+        def from_outage() -> set[str]:
+            return {
+                e.data["device_id"]
+                for e in resumed.of("device.latest")
+                if outage_began < datetime.fromisoformat(e.data["ts"]) <= outage_ended
+            }
+
+        wait_for(lambda: from_outage() == set(load.devices), 30, what="the outage's events")
+        caught_up = time.monotonic() - back
+        resumed.close()
+        assert not resumed.of("error"), "the resume lost its place"
+        log = (tmp_path / "projector.log").read_text(errors="replace")
+        held = re.findall(r"Redis back: (\d+) held live events published in ([\d.]+) s", log)
+        assert held, "the projector did not publish what it held"
+        print(f"\nlive stream caught up {caught_up:.2f} s after Redis returned; projector: {held}")
+    finally:
+        parts.stop_all()
+
+
+def test_the_first_request_after_a_postgres_restart_succeeds(
+    namespace: Settings, redis: PrivateRedis, tmp_path: Path
+) -> None:
+    pg = PrivatePostgres()
+    parts = Components(namespace, tmp_path)
+    try:
+        pg.up()
+        migrate(namespace.model_copy(update={"database_url": pg.url}))
+        env = env_for(namespace, redis, DATABASE_URL=pg.url)
+        api = f"http://127.0.0.1:{env['API_PORT']}"
+        parts.start("api", **env)
+        assert login(api, namespace).status_code == 200  # the pool holds a connection now
+
+        pg.restart()
+        first = login(api, namespace)
+        assert first.status_code == 200, first.text
+
+        pg.stop()
+        down = login(api, namespace)
+        assert down.status_code == 503, down.text
+        assert down.headers["content-type"].startswith("application/problem+json")
+        assert int(down.headers["retry-after"]) >= 1
+        pg.start()
+        assert login(api, namespace).status_code == 200
+    finally:
+        parts.stop_all()
+        pg.remove()
