@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     validator_max_records: int = Field(500, ge=1)
     projector_max_records: int = Field(2000, ge=1)
     alerter_max_records: int = Field(1000, ge=1)
+    # How long the controller keeps a finished command (after its deadline, too): a request
+    # whose deadline is older than this is refused as stale (control.dlq), never run.
+    controller_terminal_retention_s: float = Field(3600.0, gt=0)
 
     # Simulator run by `make dev`
     sim_devices: int = Field(48, ge=1)

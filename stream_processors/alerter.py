@@ -5,7 +5,11 @@ Per-device state (`stream_processors.alerting.DeviceState`) is kept by the state
 (`keyed_state`) in the compacted `alerter.state` changelog, on the partition of the device's
 readings. State records the last telemetry offset evaluated, so readings re-delivered after a
 crash are not evaluated twice; alert ids are deterministic, so an event emitted twice projects
-once. Offline rules are evaluated on a clock tick, not only when readings arrive.
+once. Readings are evaluated on a copy of the device's state, which becomes its state only once
+the alert events are acknowledged (a batch that fails is evaluated again from the same state).
+A record the alerter cannot use (undecodable, or readings of a device other than the record's
+key) goes to `alerts.dlq`. Offline rules are evaluated on a clock tick, not only when readings
+arrive.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from stream_processors.alerting import (
     evaluate_reading,
     evaluate_silence,
     shortest_silence,
+    silence_due,
     silence_settled,
 )
 from stream_processors.keyed_state import KeyedState, Output, StatefulShell, Unprocessable
@@ -59,6 +64,8 @@ class Alerter:
             group=s.group(Groups.ALERTER),
             changelog=s.topic(Topics.ALERTER_STATE),
             state_type=DeviceState,
+            copy=DeviceState.copy,
+            dead_letters=s.topic(Topics.ALERTS_DLQ),
             lag_topic=self.valid_topic,
             metrics_port=s.alerter_metrics_port,
             on_forget=self.settled.difference_update,
@@ -122,19 +129,26 @@ class Alerter:
         self, rec: ConsumerRecord[bytes, bytes], states: KeyedState[DeviceState], now: datetime
     ) -> list[Output]:
         """One record of one device's readings: its alert events, its new state."""
-        device = (rec.key or b"").decode()
+        device = (rec.key or b"").decode(errors="replace")
         try:
             readings = self.batch_decoder.decode(rec.value or b"").readings
         except msgspec.MsgspecError as exc:
-            raise Unprocessable(str(exc)) from exc
+            raise Unprocessable(f"undecodable reading batch: {exc}") from exc
+        for reading in readings:
+            if reading.device_id != device:
+                raise Unprocessable(
+                    f"a reading of device {reading.device_id!r} under the key {device!r}"
+                )
         self.settled.discard(device)
-        state = states.get(device)
-        if state is None:
-            first = readings[0]
-            state = DeviceState(first.device_id, first.site_id, first.device_type)
-        if rec.offset <= state.last_offset:
+        current = states.peek(device)
+        if current is not None and rec.offset <= current.last_offset:
             RECORDS.labels(self.group, "replayed").inc()
             return []  # evaluated before a crash: its events were already sent
+        if current is None:
+            first = readings[0]
+            state = DeviceState(first.device_id, first.site_id, first.device_type)
+        else:
+            state = states.get(device) or current  # a copy, or what this batch staged
         events = [e for reading in readings for e in evaluate_reading(self.rules, reading, state)]
         state.last_offset = rec.offset
         states.set(device, state, rec.partition)
@@ -151,17 +165,21 @@ class Alerter:
             return []
         recent = now - timedelta(seconds=silence)
         events: list[AlertEvent] = []
-        for device, state in states.items():
+        changed: list[tuple[str, DeviceState]] = []
+        for device, committed in states.items():  # read-only: a state to change is copied
             if device in self.settled:
                 continue
-            if state.last_ts is not None and state.last_ts >= recent:
+            if committed.last_ts is not None and committed.last_ts >= recent:
                 continue  # reported lately: no offline rule can fire
-            found = evaluate_silence(self.rules, state, now)
-            if found:
-                events.extend(found)
-                states.set(device, state)
-            if silence_settled(self.rules, state):
-                self.settled.add(device)
+            if silence_due(self.rules, committed, now):
+                changed.append((device, committed))
+            elif silence_settled(self.rules, committed):
+                self.settled.add(device)  # as committed: its alerts are acknowledged
+        for device, _ in changed:
+            state = states.get(device)
+            assert state is not None
+            events.extend(evaluate_silence(self.rules, state, now))
+            states.set(device, state)
         return self.outputs(events)
 
     def outputs(self, events: list[AlertEvent]) -> list[Output]:

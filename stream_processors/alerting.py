@@ -2,8 +2,9 @@
 
 State is kept per device (`DeviceState`), with one `RuleState` per rule that concerns the
 device. `evaluate_reading` and `evaluate_silence` update the state they are given in place and
-return the events to emit. Alert ids are derived from rule, device and the start of the
-episode, so evaluating the same readings again yields the same ids.
+return the events to emit: the alerter gives them a copy (`DeviceState.copy`), which becomes the
+device's state only once the events are acknowledged. Alert ids are derived from rule, device
+and the start of the episode, so evaluating the same readings again yields the same ids.
 
 Rules are given as `{rule id: rule}`; each kind of rule (`contracts.alerting`) has its own
 evaluation, chosen by matching on the rule's type: a reading for the metric kinds
@@ -40,7 +41,13 @@ class RuleState(msgspec.Struct, omit_defaults=True):
     rule_name: str = ""
     severity: Severity = "warning"
     pending_since: datetime | None = None  # first breaching reading, while `for_s` runs
+    # rate_of_change: (ts, value) of readings within the window, oldest first, at most
+    # RATE_SAMPLES + 1 of them, kept at least window_s / RATE_SAMPLES apart (`_rate`). The list
+    # is replaced, never changed in place: a copy of the state shares it.
     samples: list[tuple[datetime, float]] = msgspec.field(default_factory=list)
+
+
+_replace = msgspec.structs.replace
 
 
 class DeviceState(msgspec.Struct, omit_defaults=True):
@@ -50,6 +57,10 @@ class DeviceState(msgspec.Struct, omit_defaults=True):
     last_ts: datetime | None = None
     last_offset: int = -1  # telemetry.valid offset of the last reading evaluated
     rules: dict[str, RuleState] = msgspec.field(default_factory=dict)
+
+    def copy(self) -> DeviceState:
+        """A copy to evaluate on: its rule states are copies too (about 1 us for 5 rules)."""
+        return _replace(self, rules={k: _replace(rs) for k, rs in self.rules.items()})
 
 
 def alert_id(rule_id: str, device_id: str, start: datetime) -> str:
@@ -85,13 +96,43 @@ def _clears(rule: ThresholdRule, value: float) -> bool:
     return value <= limit if rule.op == "gt" else value >= limit
 
 
+# A rate_of_change rule keeps at most this many samples (plus one) per device: memory and work
+# per reading stay bounded however many readings a window of up to 24 h holds.
+RATE_SAMPLES: Final = 32
+
+
 def _rate(rule: RateOfChangeRule, rs: RuleState, ts: datetime, value: float) -> float | None:
+    """The change per second from the oldest sample kept within the window to this reading.
+
+    A reading is kept as a sample only at least `window_s / RATE_SAMPLES` after the newest one
+    kept, so the window holds at most RATE_SAMPLES + 1 samples. The oldest kept sample is then
+    at most that spacing younger than the oldest reading in the window, which is what an
+    unbounded list would compare with: the rate spans between (1 - 1/RATE_SAMPLES) of the
+    window and all of it, never more."""
+    samples = rs.samples
     horizon = ts - timedelta(seconds=rule.window_s)
-    rs.samples = [(t, v) for t, v in rs.samples if t >= horizon]
-    rs.samples.append((ts, value))
-    t0, v0 = rs.samples[0]
+    if samples and samples[0][0] < horizon:
+        i = 1
+        while i < len(samples) and samples[i][0] < horizon:
+            i += 1
+        samples = samples[i:]
+    if not samples or (ts - samples[-1][0]).total_seconds() * RATE_SAMPLES >= rule.window_s:
+        samples = [*samples, (ts, value)]
+    if len(samples) > RATE_SAMPLES + 1:  # state written before samples were thinned
+        samples = _thin(samples, rule.window_s / RATE_SAMPLES)
+    if samples is not rs.samples:
+        rs.samples = samples
+    t0, v0 = samples[0]
     dt = (ts - t0).total_seconds()
     return (value - v0) / dt if dt > 0 else None
+
+
+def _thin(samples: list[tuple[datetime, float]], spacing_s: float) -> list[tuple[datetime, float]]:
+    kept = [samples[0]]
+    for t, v in samples[1:]:
+        if (t - kept[-1][0]).total_seconds() >= spacing_s:
+            kept.append((t, v))
+    return kept
 
 
 def _rate_breaches(rule: RateOfChangeRule, rate: float) -> bool:
@@ -288,6 +329,18 @@ def shortest_silence(rules: Rules) -> float | None:
     reported more recently cannot be alerted on for silence."""
     silences = [rule.silent_s for rule in rules.values() if isinstance(rule, OfflineRule)]
     return min(silences, default=None)
+
+
+def silence_due(rules: Rules, state: DeviceState, now: datetime) -> bool:
+    """Whether `evaluate_silence` would open an alert now; reads the state, changes nothing."""
+    if state.last_ts is None:
+        return False
+    silent = (now - state.last_ts).total_seconds()
+    for rule_id, rule in _offline_rules(rules, state).items():
+        rs = state.rules.get(rule_id)
+        if (rs is None or rs.open_id is None) and silent > rule.silent_s:
+            return True
+    return False
 
 
 def evaluate_silence(rules: Rules, state: DeviceState, now: datetime) -> list[AlertEvent]:

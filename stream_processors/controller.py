@@ -6,13 +6,17 @@ device's commands and replies), moves each command through the pure state machin
 `control.events`. Command states are kept by the stateful shell (`keyed_state`) in the
 compacted `controller.state` changelog, keyed by command id on the partition of the device;
 redelivered requests and replies are then no-ops, so a restart neither dispatches twice nor
-finishes a command twice. Deadlines are checked every second.
+finishes a command twice. Deadlines are checked every second. A command terminal (and past its
+deadline) for longer than `CONTROLLER_TERMINAL_RETENTION_S` leaves memory and the changelog (a
+tombstone); a request whose deadline is older than that is stale and goes to `control.dlq`
+instead of running, as do undecodable records, a request under another device's key and a
+reply for a command the controller does not know or from a device it was not sent to.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -25,7 +29,15 @@ from contracts.control import CommandRequested, CommandResult
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
 from stream_processors.keyed_state import KeyedState, Output, StatefulShell, Unprocessable
-from stream_processors.lifecycle import CommandState, Step, on_requested, on_result, on_tick
+from stream_processors.lifecycle import (
+    CommandState,
+    Step,
+    expired,
+    on_requested,
+    on_result,
+    on_tick,
+    stale,
+)
 from stream_processors.partitions import REDELIVERED_BATCHES, StateListener
 
 log = logging.getLogger("microgrid.controller")
@@ -45,10 +57,13 @@ class Controller:
             group=s.group(Groups.CONTROLLER),
             changelog=s.topic(Topics.CONTROLLER_STATE),
             state_type=CommandState,
+            copy=CommandState.copy,
+            dead_letters=s.topic(Topics.CONTROL_DLQ),
             lag_topic=self.commands_topic,
             metrics_port=s.controller_metrics_port,
             on_sent=self.count_transitions,
         )
+        self.retention = timedelta(seconds=s.controller_terminal_retention_s)
         self.shell.every(TICK_S, self.tick)
         self.request_decoder = msgspec.json.Decoder(CommandRequested)
         self.result_decoder = msgspec.json.Decoder(CommandResult)
@@ -70,24 +85,43 @@ class Controller:
         self, rec: ConsumerRecord[bytes, bytes], states: KeyedState[CommandState], now: datetime
     ) -> list[Output]:
         """A command request (from the API) or a reply (from a device)."""
-        try:
-            if rec.topic == self.commands_topic:
+        key = (rec.key or b"").decode(errors="replace")
+        if rec.topic == self.commands_topic:
+            try:
                 req = self.request_decoder.decode(rec.value or b"")
-                return self.apply(on_requested(states.get(req.id), req, now), states, rec.partition)
+            except msgspec.MsgspecError as exc:
+                raise Unprocessable(f"undecodable command request: {exc}") from exc
+            if req.device_id != key:
+                raise Unprocessable(f"a request for device {req.device_id!r} under key {key!r}")
+            if stale(req, now, self.retention):
+                raise Unprocessable(
+                    f"stale request: its deadline {req.deadline.isoformat()} lies more than "
+                    f"{self.retention.total_seconds():g} s in the past"
+                )
+            return self.apply(on_requested(states.peek(req.id), req, now), states, rec.partition)
+        try:
             result = self.result_decoder.decode(rec.value or b"")
         except msgspec.MsgspecError as exc:
-            raise Unprocessable(str(exc)) from exc
-        if states.get(result.id) is None:
-            log.warning("reply for unknown command %r from %r", result.id, result.device_id)
-        return self.apply(on_result(states.get(result.id), result, now), states)
+            raise Unprocessable(f"undecodable command result: {exc}") from exc
+        state = states.peek(result.id)
+        if state is None:
+            raise Unprocessable(f"a reply for unknown command {result.id!r}")
+        if result.device_id != state.device_id:
+            raise Unprocessable(
+                f"a reply from {result.device_id!r} for command {result.id!r} "
+                f"sent to {state.device_id!r}"
+            )
+        return self.apply(on_result(state, result, now), states)
 
     def tick(self, states: KeyedState[CommandState], now: datetime) -> list[Output]:
-        return [
-            output
-            for _, st in states.items()
-            if st.status == "processing" and now >= st.deadline
-            for output in self.apply(on_tick(st, now), states)
-        ]
+        """Deadlines pass; terminal commands past the retention are forgotten."""
+        outputs = []
+        for command_id, st in states.items():  # read-only: transitions make new states
+            if st.status == "processing" and now >= st.deadline:
+                outputs.extend(self.apply(on_tick(st, now), states))
+            elif expired(st, now, self.retention):
+                states.delete(command_id)
+        return outputs
 
     def apply(
         self, step: Step, states: KeyedState[CommandState], partition: int | None = None

@@ -1,6 +1,6 @@
 """What the FastStream processors share: how they subscribe (batches of raw records, redelivered
-when the handler fails), and a rebalance listener that restores partition-scoped state on
-assignment and drops it on revocation."""
+when the handler fails), and a rebalance listener that starts restoring partition-scoped
+state on assignment and drops it on revocation."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ REDELIVERED_BATCHES: dict[str, Any] = {
 
 
 class PartitionScoped(Protocol):
-    async def restore(self, partitions: list[int]) -> None: ...
+    def assign(self, partitions: list[int]) -> None: ...
 
     async def forget(self, partitions: list[int]) -> None: ...
 
@@ -38,5 +38,5 @@ class StateListener(ConsumerRebalanceListener):
         await self.owner.forget(sorted({tp.partition for tp in revoked}))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        if assigned:
-            await self.owner.restore(sorted({tp.partition for tp in assigned}))
+        if assigned:  # restored in the background: the rebalance does not wait for it
+            self.owner.assign(sorted({tp.partition for tp in assigned}))

@@ -1,20 +1,32 @@
-"""The stateful shell against a real broker: states reach the changelog only after their
-outputs, never for a batch whose outputs failed, and restore as they were written."""
+"""The stateful shell against a real broker: states reach the changelog (and memory) only after
+their outputs, never for a batch whose outputs failed, so a redelivered batch emits its events
+once; refused records are dead-lettered; a restore that fails is retried, and `/readyz` says
+so; states restore as they were written."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import httpx
 import msgspec
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from prometheus_client import REGISTRY
 
-from runtime.kafka import delete_topics, read_table
+from contracts import Headers, Reading, ReadingBatch, Topics
+from contracts.alerting import AlertEvent, ThresholdRule
+from runtime.kafka import RenewableProducer, delete_topics, ensure_topics, read_table, topic_specs
+from runtime.retry import RetryPolicy
 from runtime.settings import Settings
+from stream_processors.alerter import Alerter
+from stream_processors.alerting import DeviceState
 from stream_processors.keyed_state import KeyedState, Output, StatefulShell, Unprocessable
+from tests.conftest import free_port, wait_for
 
 
 class Counter(msgspec.Struct):
@@ -31,7 +43,7 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
     stack: Settings,
 ) -> None:
     s = stack.model_copy(update={"kafka_namespace": f"shell-{uuid.uuid4().hex[:8]}."})
-    source, out, changelog = s.topic("in"), s.topic("out"), s.topic("state")
+    source, out, changelog, dlq = s.topic("in"), s.topic("out"), s.topic("state"), s.topic("dlq")
     oversized = b"x" * (5 * 1_048_576)  # above the producer's 4 MiB request limit
 
     def step(rec: ConsumerRecord, state: KeyedState[Counter], now: datetime) -> list[Output]:
@@ -47,7 +59,7 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
         admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
         await admin.start()
         try:
-            await admin.create_topics([NewTopic(t, 2, 1) for t in (out, changelog)])
+            await admin.create_topics([NewTopic(t, 2, 1) for t in (out, changelog, dlq)])
         finally:
             await admin.close()
         shell: StatefulShell[Counter] = StatefulShell(
@@ -56,6 +68,7 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
             group=s.group("shell-check"),
             changelog=changelog,
             state_type=Counter,
+            dead_letters=dlq,
             lag_topic=out,
             metrics_port=0,
         )
@@ -73,6 +86,7 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
             await shell.process((record(source, 0, 1, "a", b"2"),), step)
         finally:
             await shell.producer.stop()
+            await shell.dead_letters.close()
         consumer = AIOKafkaConsumer(
             out, bootstrap_servers=s.kafka_bootstrap_servers, auto_offset_reset="earliest"
         )
@@ -93,12 +107,13 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
             group=s.group("shell-check"),
             changelog=changelog,
             state_type=Counter,
+            dead_letters=dlq,
             lag_topic=out,
             metrics_port=0,
         )
         await reborn.restore([0, 1])
         restored = {key: value.n for key, value in reborn.state.items()}
-        await delete_topics(s, [out, changelog])
+        await delete_topics(s, [out, changelog, dlq])
         return failed, sent, written, restored
 
     failed, sent, written, restored = asyncio.run(scenario())
@@ -106,3 +121,252 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
     assert sent == [b"a=1", b"a=2"]  # "b" was unprocessable, "c" could not be sent
     assert written == {"a": 2}  # nothing of the failed batch reached the changelog
     assert restored == {"a": 2}
+
+
+# --- the alerter's shell: state after acknowledgement, dead letters, restore retries --------
+
+T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+HOT = ThresholdRule(
+    name="Over-temperature", severity="critical", metric="temperature_c", op="gt", threshold=75.0
+)
+
+
+def readings(device: str, *values: tuple[int, float]) -> bytes:
+    return msgspec.json.encode(
+        ReadingBatch(
+            readings=[
+                Reading(
+                    device_id=device,
+                    site_id="site-1",
+                    device_type="battery",
+                    ts=T0 + timedelta(seconds=t),
+                    temperature_c=v,
+                )
+                for t, v in values
+            ]
+        )
+    )
+
+
+async def read_all(s: Settings, topic: str, at_least: int, timeout_s: float = 15.0) -> list[Any]:
+    """The records of `topic` from its beginning, once there are `at_least` (or the time is
+    up), and anything that follows them within half a second."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=s.kafka_bootstrap_servers, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    got: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(got) < at_least and time.monotonic() < deadline:
+            for recs in (await consumer.getmany(timeout_ms=500)).values():
+                got.extend(recs)
+        for recs in (await consumer.getmany(timeout_ms=500)).values():
+            got.extend(recs)
+    finally:
+        await consumer.stop()
+    return sorted(got, key=lambda r: (r.partition, r.offset))
+
+
+def alerter_for(stack: Settings) -> Alerter:
+    s = stack.model_copy(update={"kafka_namespace": f"alerter-{uuid.uuid4().hex[:8]}."})
+    alerter = Alerter(s)
+    alerter.rules = {"r-hot": HOT}
+    alerter.rules_ready.set()
+    return alerter
+
+
+def test_a_batch_whose_events_could_not_be_sent_emits_each_of_them_once_when_redelivered(
+    stack: Settings,
+) -> None:
+    alerter = alerter_for(stack)
+    s, shell = alerter.s, alerter.shell
+    source = s.topic(Topics.TELEMETRY_VALID)
+    before = (record(source, 0, 0, "dev-1", readings("dev-1", (-10, 50.0))),)  # a known device
+    batch = (
+        record(source, 0, 1, "dev-1", readings("dev-1", (0, 80.0))),  # opens
+        record(source, 0, 2, "dev-1", readings("dev-1", (10, 60.0))),  # clears
+        record(source, 0, 3, "dev-1", readings("dev-1", (20, 90.0))),  # opens again
+    )
+
+    async def scenario() -> tuple[type[Exception] | None, list[AlertEvent], DeviceState | None]:
+        await ensure_topics(s)
+        await shell.restore(list(range(s.device_topic_partitions)))
+        await shell.producer.start()
+        try:
+            await shell.process(before, alerter.step)
+        finally:
+            await shell.producer.stop()
+        # The first attempt goes through a producer that refuses any record over 64 bytes:
+        # aiokafka raises MessageSizeTooLargeError, as a broker's limit would.
+        shell.producer = RenewableProducer(s, "alerter-small", max_request_size=64)
+        await shell.producer.start()
+        failed = None
+        try:
+            await shell.process(batch, alerter.step)
+        except KafkaError as exc:
+            failed = type(exc)
+        finally:
+            await shell.producer.stop()
+        shell.producer = RenewableProducer(s, "alerter-out")
+        await shell.producer.start()
+        try:
+            await shell.process(batch, alerter.step)  # FastStream's redelivery
+            await shell.process(batch, alerter.step)  # and once more: all replayed
+        finally:
+            await shell.producer.stop()
+            await shell.dead_letters.close()
+        sent = await read_all(s, s.topic(Topics.ALERTS), 3)
+        events = [msgspec.json.decode(r.value, type=AlertEvent) for r in sent]
+        return failed, events, shell.state.peek("dev-1")
+
+    try:
+        failed, events, state = asyncio.run(scenario())
+    finally:
+        asyncio.run(delete_topics(alerter.s, [t.name for t in topic_specs(alerter.s)]))
+    assert failed is MessageSizeTooLargeError
+    assert [(e.kind, e.value) for e in events] == [
+        ("opened", 80.0),
+        ("cleared", 60.0),
+        ("opened", 90.0),
+    ]
+    assert events[0].alert_id == events[1].alert_id != events[2].alert_id
+    assert state is not None and state.last_offset == 3
+    assert state.rules["r-hot"].open_id == events[2].alert_id
+
+
+def test_records_the_alerter_refuses_are_dead_lettered_with_why_and_the_rest_is_evaluated(
+    stack: Settings,
+) -> None:
+    alerter = alerter_for(stack)
+    s, shell = alerter.s, alerter.shell
+    source = s.topic(Topics.TELEMETRY_VALID)
+    batch = (
+        record(source, 1, 0, "dev-2", b"{not json"),
+        record(source, 1, 1, "dev-2", readings("dev-3", (0, 99.0))),  # another device's
+        record(source, 1, 2, "dev-2", readings("dev-2", (0, 99.0))),
+    )
+
+    async def scenario() -> tuple[list[Any], list[AlertEvent]]:
+        await ensure_topics(s)
+        await shell.producer.start()
+        try:
+            await shell.restore(list(range(s.device_topic_partitions)))
+            await shell.process(batch, alerter.step)
+        finally:
+            await shell.producer.stop()
+            await shell.dead_letters.close()
+        dead = await read_all(s, s.topic(Topics.ALERTS_DLQ), 2)
+        sent = await read_all(s, s.topic(Topics.ALERTS), 1)
+        return dead, [msgspec.json.decode(r.value, type=AlertEvent) for r in sent]
+
+    try:
+        dead, events = asyncio.run(scenario())
+    finally:
+        asyncio.run(delete_topics(s, [t.name for t in topic_specs(s)]))
+    assert [(e.kind, e.device_id, e.value) for e in events] == [("opened", "dev-2", 99.0)]
+    assert [(r.key, r.value) for r in dead] == [
+        (b"dev-2", batch[0].value),
+        (b"dev-2", batch[1].value),
+    ]
+    headers = [dict(r.headers) for r in dead]
+    assert b"undecodable" in headers[0][Headers.DLQ_REASON]
+    assert b"'dev-3'" in headers[1][Headers.DLQ_REASON]
+    for h, offset in zip(headers, (b"0", b"1"), strict=True):
+        assert h[Headers.DLQ_STAGE] == alerter.group.encode()
+        assert h[Headers.DLQ_SOURCE_TOPIC] == source.encode()
+        assert (h[Headers.DLQ_SOURCE_PARTITION], h[Headers.DLQ_SOURCE_OFFSET]) == (b"1", offset)
+    state = shell.state.peek("dev-2")
+    assert state is not None and state.last_offset == 2
+
+
+def readyz(port: int) -> tuple[int, Any]:
+    r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+    return r.status_code, r.json()
+
+
+def test_a_failed_restore_is_retried_and_the_partition_becomes_ready(stack: Settings) -> None:
+    s = stack.model_copy(update={"kafka_namespace": f"restore-{uuid.uuid4().hex[:8]}."})
+    changelog, out = s.topic("state"), s.topic("out")
+    port = free_port()
+    shell: StatefulShell[Counter] = StatefulShell(
+        s,
+        name="restore-check",
+        group=s.group("restore-check"),
+        changelog=changelog,  # not created yet: reading it fails
+        state_type=Counter,
+        dead_letters=s.topic("dlq"),
+        lag_topic=out,
+        metrics_port=port,
+    )
+    shell.restore_attempt_s = 1.0
+    shell.restore_policy = RetryPolicy(initial_s=0.2, max_s=0.5, deadline_s=None)
+    failures = REGISTRY.get_sample_value(
+        "microgrid_state_restore_failures_total", {"group": shell.group}
+    )
+
+    def step(rec: ConsumerRecord, state: KeyedState[Counter], now: datetime) -> list[Output]:
+        key = (rec.key or b"").decode()
+        current = state.get(key) or Counter(0)
+        current.n += 1
+        state.set(key, current, rec.partition)
+        return [Output(out, rec.key or b"", str(current.n).encode())]
+
+    async def scenario() -> tuple[tuple[int, Any], tuple[int, Any], float, int | None]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(out, 1, 1)])
+            await shell.start()
+            shell.assign([0])  # what the rebalance listener does
+            await asyncio.to_thread(
+                wait_for,
+                lambda: (
+                    (
+                        REGISTRY.get_sample_value(
+                            "microgrid_state_restore_failures_total", {"group": shell.group}
+                        )
+                        or 0
+                    )
+                    >= (failures or 0) + 2
+                ),
+                30,
+                "two failed restore attempts",
+            )
+            before = await asyncio.to_thread(readyz, port)
+            not_ready = REGISTRY.get_sample_value(
+                "microgrid_state_partitions_not_ready", {"group": shell.group}
+            )
+            # a batch of the partition waits for its state meanwhile
+            waiting = asyncio.create_task(shell.process((record(out, 0, 0, "k", b""),), step))
+            await admin.create_topics([NewTopic(changelog, 1, 1)])
+            producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap_servers)
+            await producer.start()
+            try:
+                await producer.send_and_wait(
+                    changelog, msgspec.json.encode(Counter(41)), key=b"k", partition=0
+                )
+            finally:
+                await producer.stop()
+            await asyncio.wait_for(waiting, 30)
+            after = await asyncio.to_thread(
+                wait_for, lambda: (r := readyz(port))[0] == 200 and r, 10, "/readyz 200"
+            )
+            counted = shell.state.peek("k")
+            return before, after, not_ready or 0, None if counted is None else counted.n
+        finally:
+            await shell.stop()
+            await admin.close()
+
+    try:
+        before, after, not_ready, counted = asyncio.run(scenario())
+    finally:
+        asyncio.run(delete_topics(s, [changelog, out]))
+    assert before == (503, {"status": "not ready", "partitions": [0]})
+    assert not_ready == 1
+    assert after == (200, {"status": "ready"})
+    assert counted == 42  # restored (41), then the waiting batch counted once
+    assert (
+        REGISTRY.get_sample_value("microgrid_state_partitions_not_ready", {"group": shell.group})
+        == 0
+    )

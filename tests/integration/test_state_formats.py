@@ -46,6 +46,7 @@ def restore(stack: Settings, name: str, state_type: type[Any]) -> StatefulShell[
         group=s.group("format-check"),
         changelog=topic,
         state_type=state_type,
+        dead_letters=s.topic("dlq"),
         lag_topic=topic,
         metrics_port=0,
     )

@@ -28,10 +28,12 @@ from stream_processors.lifecycle import (
     TIMEOUT,
     CommandState,
     Step,
+    expired,
     is_terminal,
     on_requested,
     on_result,
     on_tick,
+    stale,
 )
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -60,6 +62,10 @@ def state_with(status: Status) -> CommandState:
 
 
 def event(status: Status, at: datetime, reason: str | None = None) -> ControlEvent:
+    if status == "queued":  # the first event of a request: at its request time, carrying it
+        return ControlEvent(
+            command_id=CMD, device_id=DEV, status="queued", at=REQ.requested_at, request=REQ
+        )
     return ControlEvent(command_id=CMD, device_id=DEV, status=status, at=at, reason=reason)
 
 
@@ -168,10 +174,14 @@ PROCESSING_EXPECT: dict[str, Expect] = {
     "tick_after_deadline": ("failed", [("failed", TIMEOUT)], False),
 }
 NONE_EXPECT: dict[str, Expect] = {
-    "request_before_deadline": ("processing", [("processing", None)], True),
-    "request_just_before_deadline": ("processing", [("processing", None)], True),
-    "request_at_deadline": ("failed", [("failed", TIMEOUT)], False),
-    "request_after_deadline": ("failed", [("failed", TIMEOUT)], False),
+    "request_before_deadline": ("processing", [("queued", None), ("processing", None)], True),
+    "request_just_before_deadline": (
+        "processing",
+        [("queued", None), ("processing", None)],
+        True,
+    ),
+    "request_at_deadline": ("failed", [("queued", None), ("failed", TIMEOUT)], False),
+    "request_after_deadline": ("failed", [("queued", None), ("failed", TIMEOUT)], False),
     # a reply for a command never seen: nothing to finish
     **{name: (None, [], False) for name in INPUTS if name.startswith("reply_")},
 }
@@ -228,6 +238,7 @@ def test_transition_table(start: StartName, input_name: str) -> None:
             params=PARAMS,
             deadline=DEADLINE,
             status=want_status,
+            terminal_at=inp.now if want_status in TERMINAL else None,
         )
 
     assert events == [event(status, inp.now, reason) for status, reason in want_events]
@@ -271,15 +282,50 @@ def test_late_reply_after_a_timeout_is_absorbed() -> None:
 def test_events_carry_the_now_passed_in_even_in_another_timezone() -> None:
     now = (DEADLINE - timedelta(seconds=5)).astimezone(timezone(timedelta(hours=-7)))
     _, events, _ = on_requested(None, REQ, now)
-    assert [e.at for e in events] == [now]
-    assert events[0].at.utcoffset() == timedelta(hours=-7)
+    assert [e.at for e in events] == [REQ.requested_at, now]  # queued when it was requested
+    assert events[1].at.utcoffset() == timedelta(hours=-7)
 
 
 def test_event_without_reason_omits_it_on_the_wire() -> None:
     _, events, _ = on_requested(None, REQ, T0)
-    assert b"reason" not in msgspec.json.encode(events[0])
+    assert b"reason" not in msgspec.json.encode(events[-1])
     _, events, _ = on_requested(None, REQ, DEADLINE)
-    assert msgspec.json.decode(msgspec.json.encode(events[0]))["reason"] == TIMEOUT
+    assert msgspec.json.decode(msgspec.json.encode(events[-1]))["reason"] == TIMEOUT
+
+
+def test_a_request_is_queued_with_its_request_then_processing() -> None:
+    _, events, _ = on_requested(None, REQ, T0 + timedelta(seconds=1))
+    assert [(e.status, e.at, e.request) for e in events] == [
+        ("queued", T0, REQ),
+        ("processing", T0 + timedelta(seconds=1), None),
+    ]
+    wire = msgspec.json.decode(msgspec.json.encode(events[0]), type=ControlEvent)
+    assert wire.request == REQ  # the read model gets the whole request from the event
+
+
+RETENTION = timedelta(seconds=60)
+
+
+def test_a_terminal_command_expires_once_terminal_and_past_its_deadline_for_the_retention() -> None:
+    state, _, _ = on_requested(None, REQ, T0)
+    assert state is not None
+    early = T0 + timedelta(seconds=5)  # succeeded well before its deadline
+    done, _, _ = on_result(state, CommandResult(status="succeeded", id=CMD, device_id=DEV), early)
+    assert done is not None and done.terminal_at == early
+    assert not expired(state, DEADLINE + RETENTION * 2, RETENTION)  # still processing
+    # kept until the deadline, too, is a retention old: until then a request is not stale
+    assert not expired(done, early + RETENTION + US, RETENTION)
+    assert not expired(done, DEADLINE + RETENTION, RETENTION)
+    assert expired(done, DEADLINE + RETENTION + US, RETENTION)
+    assert not stale(REQ, DEADLINE + RETENTION, RETENTION)
+    assert stale(REQ, DEADLINE + RETENTION + US, RETENTION)
+
+
+def test_a_terminal_state_written_without_terminal_at_expires_from_its_deadline() -> None:
+    old = msgspec.json.decode(msgspec.json.encode(state_with("succeeded")), type=CommandState)
+    assert old.terminal_at is None
+    assert not expired(old, DEADLINE + RETENTION, RETENTION)
+    assert expired(old, DEADLINE + RETENTION + US, RETENTION)
 
 
 def test_is_terminal_and_constants() -> None:
@@ -455,6 +501,15 @@ def test_status_is_monotonic_and_events_match_transitions(
             assert dispatch is None
         else:
             assert new is not None
+            if before is None:  # a request: first queued, at its request time, carrying it
+                queued, *events = events
+                assert queued == ControlEvent(
+                    command_id=req.id,
+                    device_id=req.device_id,
+                    status="queued",
+                    at=req.requested_at,
+                    request=req,
+                )
             assert len(events) == 1
             (ev,) = events
             assert (ev.command_id, ev.device_id, ev.status, ev.at) == (
