@@ -112,6 +112,7 @@ def test_controller_state_written_before_restores(stack: Settings) -> None:
         {"power_kw": 5.0},
     )
     assert done.status == "succeeded"
+    assert done.terminal_at is None  # written before it was recorded: expires from the deadline
 
 
 def test_rules_written_before_are_read_by_the_alerter(stack: Settings) -> None:

@@ -24,6 +24,7 @@ from contracts.alerting import (
 )
 from contracts.readings import DeviceType
 from stream_processors.alerting import (
+    RATE_SAMPLES,
     DeviceState,
     RuleState,
     alert_id,
@@ -482,6 +483,74 @@ def test_rate_on_other_metric() -> None:
     )
     assert kinds(events) == ["opened"]
     assert events[0].value == 70.0
+
+
+def _exact_rate_edges(
+    window: float, threshold: float, points: Sequence[tuple[float, float]]
+) -> list[tuple[str, float]]:
+    """The rule as it was with every reading of the window kept: (kind, t) of each edge."""
+    out: list[tuple[str, float]] = []
+    is_open = False
+    first = 0  # the oldest reading within the window
+    for t, v in points:
+        while points[first][0] < t - window:
+            first += 1
+        t0, v0 = points[first]
+        if t == t0:
+            continue
+        breach = (v - v0) / (t - t0) > threshold
+        if breach != is_open:
+            out.append(("opened" if breach else "cleared", t))
+            is_open = breach
+    return out
+
+
+def test_rate_of_change_memory_stays_bounded_over_a_long_dense_window() -> None:
+    window, limit = 3600.0, 0.005
+    rules = rules_of(rate_rule(op="gt", threshold=limit, window_s=window))
+
+    def value(t: float) -> float:  # flat for an hour, up 0.05/s for ten minutes, then flat
+        return 50.0 + 0.05 * min(max(t - 3600.0, 0.0), 600.0)
+
+    points = [(float(t), value(t)) for t in range(0, 4 * 3600)]  # one reading a second
+    state = fresh()
+    events: list[AlertEvent] = []
+    longest = 0
+    for t, v in points:
+        events.extend(evaluate_reading(rules, reading(t, v), state))
+        longest = max(longest, len(state.rules["roc"].samples))
+    assert longest <= RATE_SAMPLES + 1  # not the 3,600 readings the window holds
+    assert len(msgspec.json.encode(state)) < 3_000
+    # Same edges as with every reading kept, each at most one sample spacing earlier.
+    exact = _exact_rate_edges(window, limit, points)
+    assert kinds(events) == [kind for kind, _ in exact] == ["opened", "cleared"]
+    for e, (_, t_exact) in zip(events, exact, strict=True):
+        early = t_exact - (e.at - T0).total_seconds()
+        assert 0 <= early <= window / RATE_SAMPLES
+
+
+def test_rate_of_change_state_written_with_every_sample_is_thinned_on_the_next_reading() -> None:
+    rules = rules_of(rate_rule(op="gt", threshold=1.0, window_s=600.0))
+    state = fresh()
+    state.rules["roc"] = RuleState(samples=[(at(t), 20.0) for t in range(0, 500)])
+    state = roundtrip(state)  # as an older release wrote it
+    assert evaluate_reading(rules, reading(500, 20.5), state) == []
+    samples = state.rules["roc"].samples
+    assert len(samples) <= RATE_SAMPLES + 1
+    assert samples[0] == (at(0), 20.0)  # the oldest sample still anchors the rate
+    [opened] = evaluate_reading(rules, reading(510, 1000.0), state)  # 980 / 510 s
+    assert opened.kind == "opened"
+
+
+def test_a_copy_of_the_state_is_evaluated_without_touching_the_original() -> None:
+    rules = rules_of(rule(threshold=80.0), rate_rule(op="gt", threshold=1.0, window_s=60.0))
+    state = fresh()
+    evaluate_reading(rules, reading(0, 20.0), state)
+    before = roundtrip(state)
+    work = state.copy()
+    assert len(evaluate_reading(rules, reading(10, 90.0), work)) == 2  # both open
+    assert state == before  # the original is as it was: the batch may still fail
+    assert work != before
 
 
 # --------------------------------------------------------------------------- offline
