@@ -144,12 +144,12 @@ class AlertEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     alert_id: str
     kind: AlertEventKind
     rule_id: str
-    rule_name: str
+    rule_name: Annotated[str, Meta(pattern=TEXT_PATTERN)]
     device_id: str
     site_id: str
     severity: Severity
     at: datetime
     value: float | None = None
     message: Annotated[str, Meta(pattern=TEXT_PATTERN)] = ""
-    by: str | None = None
+    by: Annotated[str, Meta(pattern=TEXT_PATTERN)] | None = None
     notification_id: str | None = None

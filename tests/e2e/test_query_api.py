@@ -716,7 +716,7 @@ def test_command_is_queued_with_history(
     assert command["command"] == "charge"
     assert command["params"] == {"power_kw": 5}
     assert command["requested_by"] == platform.s.auth_operator_username
-    assert command["status"] == "queued"
+    assert command["status"] in ("queued", "processing")  # the controller may have taken it
     assert command["ttl_s"] == 60
     first = command["history"][0]
     assert first["status"] == "queued"
