@@ -165,17 +165,17 @@ class Alerter:
             return []
         recent = now - timedelta(seconds=silence)
         events: list[AlertEvent] = []
-        changed: list[tuple[str, DeviceState]] = []
+        due: list[str] = []
         for device, committed in states.items():  # read-only: a state to change is copied
             if device in self.settled:
                 continue
             if committed.last_ts is not None and committed.last_ts >= recent:
                 continue  # reported lately: no offline rule can fire
             if silence_due(self.rules, committed, now):
-                changed.append((device, committed))
+                due.append(device)
             elif silence_settled(self.rules, committed):
                 self.settled.add(device)  # as committed: its alerts are acknowledged
-        for device, _ in changed:
+        for device in due:
             state = states.get(device)
             assert state is not None
             events.extend(evaluate_silence(self.rules, state, now))

@@ -316,8 +316,10 @@ class StatefulShell(Generic[S]):
 
     async def forget(self, partitions: list[int]) -> None:
         gone_set = set(partitions)
-        for task in {self._restoring[p] for p in partitions if p in self._restoring}:
+        cancelled = {self._restoring[p] for p in partitions if p in self._restoring}
+        for task in cancelled:
             task.cancel()
+        self._restoring = {p: t for p, t in self._restoring.items() if t not in cancelled}
         async with self.lock:  # let the batch in flight finish first
             self.owned.difference_update(partitions)
             self.assigned.difference_update(partitions)
