@@ -18,6 +18,7 @@ from litestar import Controller, Request, get, post
 from litestar.params import Parameter
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from contracts.api import (
     CommandAccepted,
@@ -29,7 +30,7 @@ from contracts.api import (
 from contracts.control import DEFAULT_TTL_S, CommandRequested, command_errors
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
-from query_api.publishing import once_projected
+from query_api.publishing import published
 from query_api.services import Services
 from runtime import outbox
 from runtime.http import problem
@@ -41,10 +42,19 @@ COLUMNS = (
 # Ids of commands sent with an Idempotency-Key: uuid5(this, user + key).
 ID_NAMESPACE: Final = uuid.UUID("9b7e4f1c-52a4-4d0e-8d0c-6a1f3f1b7c21")
 LEDGER_SQL = """
-INSERT INTO command_requests (id, requested_by, idempotency_key, device_id)
-VALUES (%s, %s, %s, %s)
+INSERT INTO command_requests
+    (id, requested_by, idempotency_key, device_id, command, params, ttl_s, deadline, created_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT DO NOTHING
 RETURNING id
+"""
+# A command the controller has not taken yet (or the projection not shown): queued, as asked.
+REQUESTED_SQL = """
+SELECT id::text, device_id, command, params, 'queued' AS status, NULL AS reason, ttl_s, deadline,
+       requested_by, created_at, created_at AS updated_at,
+       jsonb_build_array(jsonb_build_object('status', 'queued', 'at', created_at)) AS history,
+       NULL::timestamptz AS delivered_at
+FROM command_requests WHERE id = %s
 """
 BY_KEY_SQL = """
 SELECT r.id::text, coalesce(c.status, 'queued') FROM command_requests r
@@ -94,8 +104,7 @@ class ControlCommandController(Controller):
         ] = None,
     ) -> CommandAccepted:
         """Queue a command for a device; follow it with GET .../{id}. The answer comes once the
-        command is stored, and shows in GET as soon as the controller took it (usually before
-        this answer)."""
+        command is stored and (usually) on its way to the controller."""
         user = request.user.username
         async with services.pool.connection() as conn:
             if idempotency_key and (seen := await _by_key(conn, user, idempotency_key)):
@@ -113,7 +122,21 @@ class ControlCommandController(Controller):
             now = datetime.now(UTC)
             ident = command_id(user, idempotency_key)
             async with conn.transaction():
-                cur = await conn.execute(LEDGER_SQL, (ident, user, idempotency_key, data.device_id))
+                deadline = now + timedelta(seconds=ttl)
+                cur = await conn.execute(
+                    LEDGER_SQL,
+                    (
+                        ident,
+                        user,
+                        idempotency_key,
+                        data.device_id,
+                        data.command,
+                        Jsonb(data.params),
+                        ttl,
+                        deadline,
+                        now,
+                    ),
+                )
                 if await cur.fetchone() is None:  # a concurrent retry with this key won
                     seen = await _by_key(conn, user, idempotency_key or "")
                 else:
@@ -124,10 +147,10 @@ class ControlCommandController(Controller):
                         command=data.command,
                         params=data.params,
                         requested_at=now,
-                        deadline=now + timedelta(seconds=ttl),
+                        deadline=deadline,
                         requested_by=user,
                     )
-                    await outbox.add(
+                    queued = await outbox.add(
                         conn,
                         services.commands_topic,
                         data.device_id,
@@ -135,11 +158,7 @@ class ControlCommandController(Controller):
                     )
         if seen is not None:
             return seen
-        # read-your-writes: the command shows in GET once this answer comes, unless the
-        # pipeline is slower than the wait (then it shows later: it is stored)
-        await once_projected(
-            services, "SELECT 1 FROM control_commands WHERE id = %(id)s", {"id": ident}
-        )
+        await published(services, queued)  # usually on its way to the controller by now
         return CommandAccepted(id=str(ident), status="queued")
 
     @get()
@@ -175,6 +194,9 @@ class ControlCommandController(Controller):
                 f"SELECT {COLUMNS} FROM control_commands WHERE id = %s", (command_id,)
             )
             row = await cur.fetchone()
+            if row is None:
+                await cur.execute(REQUESTED_SQL, (command_id,))
+                row = await cur.fetchone()
         if row is None:
             raise problem(404, "Unknown command", f"no command {command_id}")
         return _command(row)

@@ -1,7 +1,8 @@
 """What the query API's writes share: they go through the outbox (`runtime.outbox`), and the
 read models change only when their projection applies the event. A handler then waits a little
-for its change to show, so a client reads what it wrote; past that wait the change is stored
-and will show, and the answer says so (202)."""
+for its event to be published (or for its change to show), so the answer usually comes once
+the rest of the platform can see the change; past that wait the change is stored and will be
+published."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ async def once_projected(
         if row is not None or time.monotonic() >= deadline:
             return row
         await asyncio.sleep(POLL_S)
+
+
+async def published(services: Services, outbox_id: int, wait_s: float = VISIBLE_WAIT_S) -> bool:
+    """Wait up to `wait_s` for the relay to publish an outbox record; whether it did."""
+    row = await once_projected(
+        services,
+        "SELECT 1 AS published WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE id = %(id)s)",
+        {"id": outbox_id},
+        wait_s,
+    )
+    return row is not None

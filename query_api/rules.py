@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 from contracts.alerting import COMMON_FIELDS, AlertRuleSpec
 from contracts.api import AlertRulePage
 from query_api.auth import ADMINS
-from query_api.publishing import once_projected
+from query_api.publishing import published
 from query_api.services import Services
 from runtime import outbox
 from runtime.http import problem
@@ -72,16 +72,6 @@ async def publish_rule(
     conn: psycopg.AsyncConnection, services: Services, rule_id: str, value: bytes | None
 ) -> int:
     return await outbox.add(conn, services.rules_topic, rule_id, value)
-
-
-async def published(services: Services, outbox_id: int) -> None:
-    """Wait a little for the relay to publish the change, so that the answer usually comes
-    once the alerters can see it; past the wait the change is stored and will be published."""
-    await once_projected(
-        services,
-        "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE id = %(id)s)",
-        {"id": outbox_id},
-    )
 
 
 async def publish_all_rules(conn: psycopg.AsyncConnection, services: Services) -> int:

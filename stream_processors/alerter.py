@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
-from contracts import Groups, ReadingBatch, Topics
+from contracts import Groups, Headers, ReadingBatch, Topics
 from contracts.alerting import AlertEvent, AlertRuleSpec
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
@@ -219,6 +219,14 @@ def create_app(s: Settings) -> FastStream:
     broker.publisher(
         alerter.shell.changelog,
         description="Compacted changelog of per-device alert state, keyed by device id.",
+    )
+    broker.publisher(
+        alerter.shell.dead_letters.topic,
+        description="Records the alerter refused (undecodable, readings of another device than "
+        "the key), unchanged; headers give the reason "
+        f"({Headers.DLQ_REASON}), the stage ({Headers.DLQ_STAGE}) and origin "
+        f"({Headers.DLQ_SOURCE_TOPIC}, {Headers.DLQ_SOURCE_PARTITION}, "
+        f"{Headers.DLQ_SOURCE_OFFSET}).",
     )
     app = FastStream(broker)
     app.on_startup(alerter.start)

@@ -24,7 +24,7 @@ from aiokafka import ConsumerRecord
 from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
-from contracts import Groups, Topics
+from contracts import Groups, Headers, Topics
 from contracts.control import CommandRequested, CommandResult
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
@@ -182,6 +182,14 @@ def create_app(s: Settings) -> FastStream:
     broker.publisher(
         controller.shell.changelog,
         description="Compacted changelog of command states, keyed by command id.",
+    )
+    broker.publisher(
+        controller.shell.dead_letters.topic,
+        description="Requests and replies the controller refused (undecodable, stale, unknown "
+        "command, wrong device), unchanged; headers give the reason "
+        f"({Headers.DLQ_REASON}), the stage ({Headers.DLQ_STAGE}) and origin "
+        f"({Headers.DLQ_SOURCE_TOPIC}, {Headers.DLQ_SOURCE_PARTITION}, "
+        f"{Headers.DLQ_SOURCE_OFFSET}).",
     )
     app = FastStream(broker)
     app.on_startup(controller.start)

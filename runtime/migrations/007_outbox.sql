@@ -8,18 +8,25 @@ CREATE TABLE outbox (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The query API's ledger of command requests: one command per (user, Idempotency-Key).
+-- The query API's ledger of command requests: one command per (user, Idempotency-Key), and
+-- what was asked, shown as `queued` until the control read model has the command.
 -- control_commands is written by the control projection alone, from control.events.
 CREATE TABLE command_requests (
     id              uuid PRIMARY KEY,
     requested_by    text NOT NULL,
     idempotency_key text,
     device_id       text NOT NULL,
+    command         text NOT NULL,
+    params          jsonb NOT NULL DEFAULT '{}',
+    ttl_s           int NOT NULL,
+    deadline        timestamptz NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (requested_by, idempotency_key)
 );
-INSERT INTO command_requests (id, requested_by, idempotency_key, device_id, created_at)
-SELECT id, requested_by, idempotency_key, device_id, created_at FROM control_commands;
+INSERT INTO command_requests
+    (id, requested_by, idempotency_key, device_id, command, params, ttl_s, deadline, created_at)
+SELECT id, requested_by, idempotency_key, device_id, command, params, ttl_s, deadline, created_at
+FROM control_commands;
 
 -- The gateway's ledger of commands handed to devices over HTTP: each is handed out once.
 CREATE TABLE command_deliveries (
