@@ -801,10 +801,16 @@ def test_idempotency_key_and_device_filter(
         "SELECT count(*) FROM command_requests WHERE idempotency_key = %s", (key,)
     ).fetchone()
     assert row == (1,)
-    shown = db.execute(
-        "SELECT count(*) FROM control_commands WHERE id = %s", (first.json()["id"],)
-    ).fetchone()
-    assert shown == (1,)
+    wait_for(  # the read model shows it once the controller took it
+        lambda: (
+            db.execute(
+                "SELECT count(*) FROM control_commands WHERE id = %s", (first.json()["id"],)
+            ).fetchone()
+            == (1,)
+        ),
+        10,
+        "the command in the read model",
+    )
 
     ids = [first.json()["id"]]
     for power in (1.0, 3.0, 4.0):
@@ -815,7 +821,19 @@ def test_idempotency_key_and_device_filter(
         )
         assert r.status_code == 202, r.text
         ids.append(r.json()["id"])
-    items, pages = collect(client, "/api/v1/control/commands", tokens["viewer"], device_id=device)
+    items = wait_for(  # the list is the read model: each shows once the controller took it
+        lambda: (
+            len(
+                got := collect(
+                    client, "/api/v1/control/commands", tokens["viewer"], device_id=device
+                )[0]
+            )
+            == 4
+            and got
+        ),
+        10,
+        "four commands listed",
+    )
     assert [c["id"] for c in items] == ids[::-1]
     assert {c["device_id"] for c in items} == {device}
     paged, pages = collect(
