@@ -75,11 +75,11 @@ lock: $(UV)
 dev: setup
 	$(BIN)/microgrid stack up
 	$(BIN)/microgrid migrate
-	$(BIN)/microgrid dev
+	ENVIRONMENT=dev $(BIN)/microgrid dev
 
 test: setup
 	$(BIN)/microgrid stack up
-	$(BIN)/pytest -q -p no:cacheprovider
+	ENVIRONMENT=test $(BIN)/pytest -q -p no:cacheprovider
 
 # The suite on the lowest versions pyproject.toml allows for each direct dependency (resolved
 # from the index today, so not locked): shows the lower bounds are true. The committed documents
@@ -92,7 +92,7 @@ test-lowest: setup
 	$(UV) pip sync -q --python $(LOWEST)/bin/python $(LOWEST).txt
 	$(UV) pip install -q --python $(LOWEST)/bin/python --no-deps -e .
 	$(BIN)/microgrid stack up
-	$(LOWEST)/bin/pytest -q -p no:cacheprovider --deselect tests/integration/test_contracts.py
+	ENVIRONMENT=test $(LOWEST)/bin/pytest -q -p no:cacheprovider --deselect tests/integration/test_contracts.py
 
 check: setup
 	$(BIN)/ruff check .

@@ -57,3 +57,5 @@ class Events:
     NOTIFICATION_ACKED: Final = "notification.acked"
     CONTROL_UPDATED: Final = "control.updated"
     DEVICE_LATEST: Final = "device.latest"
+    # sent by the API itself when the client's token expires; the stream then ends
+    SESSION_EXPIRED: Final = "session.expired"

@@ -114,6 +114,8 @@ def _supervise(names: list[str]) -> None:
     from runtime.logs import configure_logging
 
     s = get_settings()
+    if reason := s.environment_problem:
+        _fail(f"refusing to run the platform: {reason}")
     configure_logging("supervisor", s.log_level)
     _ensure_topics(s)
     raise typer.Exit(Supervisor(names).run())
@@ -136,6 +138,8 @@ def dev() -> None:
     from microgrid.components import COMPONENTS
 
     s = get_settings()
+    if reason := s.environment_problem:
+        _fail(f"refusing to run the platform: {reason}")
     typer.echo(
         "\n".join(
             [

@@ -18,7 +18,7 @@ from typing import Any
 import uvloop
 
 from runtime.logs import configure_logging
-from runtime.settings import Settings, get_settings
+from runtime.settings import Settings, get_settings, require_environment
 
 
 def _serve_http(target: str, host: str, port: int, workers: int) -> None:
@@ -47,6 +47,7 @@ def _in_worker(component: str) -> Settings:
     """What main() does, again in a uvicorn worker: with several workers uvicorn spawns fresh
     interpreters that import the app factory and never run main()."""
     s = get_settings()
+    require_environment(s)
     configure_logging(component, s.log_level)
     tune_gc()
     return s
@@ -97,9 +98,9 @@ def gateway(s: Settings) -> None:
 
 
 def api(s: Settings) -> None:
-    from query_api.auth import secret_problem
+    from query_api.auth import startup_problem
 
-    if reason := secret_problem(s):
+    if reason := startup_problem(s):
         logging.getLogger("microgrid.api").error("refusing to start: %s", reason)
         sys.exit(2)
     _serve_http("microgrid.components:api_app", s.api_host, s.api_port, 1)
@@ -192,6 +193,9 @@ def tune_gc() -> None:
 def main(argv: list[str]) -> None:
     name = argv[1]
     s = get_settings()
+    if reason := s.environment_problem:
+        sys.stderr.write(f"{name}: refusing to start: {reason}\n")
+        sys.exit(2)
     configure_logging(name, s.log_level)
     tune_gc()
     target = COMPONENTS.get(name) or EXTRAS[name]

@@ -43,7 +43,8 @@ TOPIC_PAYLOADS: dict[str, tuple[type, ...]] = {
 
 
 def _defaults() -> Settings:
-    return Settings.model_construct()  # defaults only: the documents must not depend on env
+    # defaults only (the documents must not depend on env), as in development
+    return Settings.model_construct(environment="dev")
 
 
 def _openapi(factory: Callable[[Settings], Any]) -> dict[str, Any]:

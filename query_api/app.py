@@ -33,6 +33,8 @@ from ui import STATIC_DIR
 
 
 def _seed_users(s: Settings) -> None:
+    if not s.is_dev:  # demo users exist in dev and test only
+        return
     with psycopg.connect(s.database_url, autocommit=True) as conn:
         ensure_demo_users(conn, s)
 
@@ -42,7 +44,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     auth = jwt_auth(s)
     tokens = TokenIssuer(auth)
     services = Services(s)
-    throttle = LoginThrottle(services.redis, s.login_max_failures, s.login_lockout_s)
+    throttle = LoginThrottle(
+        services.redis, s.login_max_failures, s.login_lockout_s, s.login_max_verifications
+    )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -1,8 +1,10 @@
 """Login, access tokens, roles and the demo users.
 
 Tokens are HS256 JWTs (Litestar's JWTAuth) carrying the username and role, so a request costs
-no database read. Failed logins are counted in Redis per username and per client address;
-past `LOGIN_MAX_FAILURES` within `LOGIN_LOCKOUT_S` the login answers 429 with Retry-After.
+no database read. Login attempts are counted in Redis per username and per client address
+before the password is verified (a success takes its count back); past `LOGIN_MAX_FAILURES`
+within `LOGIN_LOCKOUT_S` the login answers 429 with Retry-After without verifying, and at most
+`LOGIN_MAX_VERIFICATIONS` argon2 checks run at once per process (503 past a 5 s wait).
 While Redis cannot be reached the counts are kept in this process instead (logged, and counted
 in `microgrid_login_throttle_local_total`): logins keep working and stay throttled, per API
 process rather than across them.
@@ -20,11 +22,11 @@ from typing import Any
 import psycopg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
-from limits.aio.storage import MemoryStorage
 from litestar import Request, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.security.jwt import JWTAuth, Token
 from prometheus_client import Counter
 from redis.asyncio import Redis
@@ -41,6 +43,11 @@ LOCAL_THROTTLE = Counter(
     "microgrid_login_throttle_local_total",
     "Login throttle checks and counts kept in the process because Redis could not be reached",
 )
+
+VERIFICATIONS = Counter(
+    "microgrid_login_verifications_total", "Password verifications (argon2) made by logins"
+)
+VERIFY_SLOT_WAIT_S = 5.0
 
 HASHER = PasswordHasher()
 # Verified against when the username is unknown, so both cases cost the same time.
@@ -70,8 +77,35 @@ def secret_problem(s: Settings) -> str | None:
     return None
 
 
-def jwt_auth(s: Settings) -> JWTAuth[User, Token]:
+def startup_problem(s: Settings) -> str | None:
+    """Why the API must not start with these settings, or None: ENVIRONMENT unset; outside
+    dev and test, the repository's token secret (or a short one) or a repository demo
+    password."""
+    if reason := s.environment_problem:
+        return reason
     if reason := secret_problem(s):
+        return reason
+    if not s.is_dev:
+        demo = {str(Settings.model_fields[f"auth_{r}_password"].default) for r in ROLES}
+        named = [f"AUTH_{r.upper()}_PASSWORD" for r in ROLES if _password(s, r) in demo]
+        if named:
+            return (
+                f"{', '.join(named)} hold a demo password from the repository: outside dev"
+                f" (ENVIRONMENT={s.environment}) set your own or leave them empty"
+                " (no demo users are created there either way)"
+            )
+    return None
+
+
+ROLES: tuple[Role, ...] = ("admin", "operator", "viewer")
+
+
+def _password(s: Settings, role: Role) -> str:
+    return str(getattr(s, f"auth_{role}_password"))
+
+
+def jwt_auth(s: Settings) -> JWTAuth[User, Token]:
+    if reason := startup_problem(s):
         raise RuntimeError(reason)
     return JWTAuth[User, Token](
         retrieve_user_handler=_user_from_token,
@@ -109,60 +143,135 @@ OPERATORS = require("admin", "operator")
 ADMINS = require("admin")
 
 
-class LoginThrottle:
-    """Failed logins per username and per client address, in Redis; in the process (limits'
-    memory storage, entries expiring with their window) while Redis cannot be reached."""
+# Atomically: refuse (answer the seconds left) when a count is at its limit, else count the
+# attempt on every key. The attempt is counted before the password is checked, so parallel
+# attempts cannot all pass a check made before any of them failed.
+_ATTEMPT = """
+local window = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call('GET', key) or '0') >= tonumber(ARGV[i + 1]) then
+    local ttl = redis.call('TTL', key)
+    if ttl < 1 then ttl = window end
+    return ttl
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('INCR', key)
+  redis.call('EXPIRE', key, window, 'NX')
+end
+return 0
+"""
+# Take back one counted attempt (one that was not a failure) from the keys that still exist.
+_UNCOUNT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) and tonumber(redis.call('GET', key)) > 0 then
+    redis.call('DECR', key)
+  end
+end
+return 0
+"""
 
-    def __init__(self, redis: Redis, max_failures: int, window_s: int) -> None:
+
+class _LocalCounts:
+    """The same counts in this process, for while Redis cannot be reached."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, tuple[int, float]] = {}
+
+    def _get(self, key: str) -> tuple[int, float]:
+        count, until = self.counts.get(key, (0, 0.0))
+        if until <= time.monotonic():
+            self.counts.pop(key, None)
+            return 0, 0.0
+        return count, until
+
+    def attempt(self, limits: dict[str, int], window: int) -> int | None:
+        for key, limit in limits.items():
+            count, until = self._get(key)
+            if count >= limit:
+                return max(1, int(until - time.monotonic()))
+        for key in limits:
+            count, until = self._get(key)
+            self.counts[key] = (count + 1, until or time.monotonic() + window)
+        return None
+
+    def uncount(self, keys: list[str]) -> None:
+        for key in keys:
+            count, until = self._get(key)
+            if count > 0:
+                self.counts[key] = (count - 1, until)
+
+    def clear(self, key: str) -> None:
+        self.counts.pop(key, None)
+
+
+class LoginThrottle:
+    """Login attempts per username and per client address, in Redis; in the process while
+    Redis cannot be reached. An attempt is counted before its password is verified and taken
+    back when it succeeds, so only failures (and attempts in flight) hold a count; past
+    `max_failures` per username (four times that per address) within the window, attempts are
+    refused without verifying anything. Verifications run at most `max_verifications` at once
+    in this process (each argon2 check takes 64 MiB)."""
+
+    def __init__(
+        self, redis: Redis, max_failures: int, window_s: int, max_verifications: int = 4
+    ) -> None:
         self.redis = redis
-        self.local = MemoryStorage()
+        self.local = _LocalCounts()
         self.max = max_failures
         self.window = window_s
+        self.slots = asyncio.Semaphore(max_verifications)
 
-    def _keys(self, username: str, client: str) -> list[str]:
-        return [f"login-failures:user:{username}", f"login-failures:addr:{client}"]
-
-    def _limit(self, key: str) -> int:
-        return self.max if ":user:" in key else self.max * 4
+    def _limits(self, username: str, client: str) -> dict[str, int]:
+        return {
+            f"login-failures:user:{username}": self.max,
+            f"login-failures:addr:{client}": self.max * 4,
+        }
 
     @staticmethod
     def _degraded(exc: RedisError) -> None:
         LOCAL_THROTTLE.inc()
         log.warning("login throttle kept in this process, Redis unavailable: %r", exc)
 
-    async def retry_after(self, username: str, client: str) -> int | None:
+    async def attempt(self, username: str, client: str) -> int | None:
+        """Count an attempt; None when it may go on, else the seconds until it may."""
+        limits = self._limits(username, client)
         try:
-            for key in self._keys(username, client):
-                count = await self.redis.get(key)
-                if count is not None and int(count) >= self._limit(key):
-                    return max(1, int(await self.redis.ttl(key)))
-            return None
+            wait = int(
+                await self.redis.eval(_ATTEMPT, len(limits), *limits, self.window, *limits.values())
+            )
+            return wait or None
         except RedisError as exc:
             self._degraded(exc)
-        for key in self._keys(username, client):
-            if await self.local.get(key) >= self._limit(key):
-                return max(1, int(await self.local.get_expiry(key) - time.time()))
-        return None
+        return self.local.attempt(limits, self.window)
 
-    async def failed(self, username: str, client: str) -> None:
+    async def uncount(self, username: str, client: str) -> None:
+        """Take back an attempt that was not a failure (no verification slot was free)."""
+        keys = list(self._limits(username, client))
+        self.local.uncount(keys)
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for key in self._keys(username, client):
-                    pipe.incr(key)
-                    pipe.expire(key, self.window, nx=True)
-                await pipe.execute()
+            await self.redis.eval(_UNCOUNT, len(keys), *keys)
         except RedisError as exc:
             self._degraded(exc)
-            for key in self._keys(username, client):
-                await self.local.incr(key, self.window)
 
-    async def succeeded(self, username: str) -> None:
-        key = self._keys(username, "")[0]
-        await self.local.clear(key)
+    async def succeeded(self, username: str, client: str) -> None:
+        user_key, addr_key = self._limits(username, client)
+        self.local.clear(user_key)
+        self.local.uncount([addr_key])
         try:
-            await self.redis.delete(key)
+            await self.redis.delete(user_key)
+            await self.redis.eval(_UNCOUNT, 1, addr_key)
         except RedisError as exc:
             self._degraded(exc)
+
+
+def _too_many(wait: int) -> ProblemDetailsException:
+    return problem(
+        429,
+        "Too many failed logins",
+        f"try again in {wait} s",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 @post("/api/v1/auth/login", opt={"public": True}, status_code=200, tags=["auth"])
@@ -175,28 +284,36 @@ async def login(
 ) -> TokenResponse:
     """Exchange a username and password for a bearer token."""
     client = request.client.host if request.client else "unknown"
-    wait = await throttle.retry_after(data.username, client)
+    wait = await throttle.attempt(data.username, client)
     if wait is not None:
-        raise problem(
-            429,
-            "Too many failed logins",
-            f"try again in {wait} s",
-            headers={"Retry-After": str(wait)},
-        )
-    async with services.pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT role, password_hash FROM users WHERE username = %s", (data.username,)
-        )
-        row = await cur.fetchone()
-    stored = row[1] if row else _DUMMY_HASH
+        raise _too_many(wait)
     try:
-        ok = await asyncio.to_thread(HASHER.verify, stored, data.password) and row is not None
-    except (VerifyMismatchError, InvalidHashError):
-        ok = False
+        await asyncio.wait_for(throttle.slots.acquire(), VERIFY_SLOT_WAIT_S)
+    except TimeoutError:
+        await throttle.uncount(data.username, client)
+        raise problem(
+            503,
+            "Too many logins at once",
+            "every password verification slot is busy: retry shortly",
+            headers={"Retry-After": "1"},
+        ) from None
+    try:
+        async with services.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT role, password_hash FROM users WHERE username = %s", (data.username,)
+            )
+            row = await cur.fetchone()
+        stored = row[1] if row else _DUMMY_HASH
+        VERIFICATIONS.inc()
+        try:
+            ok = await asyncio.to_thread(HASHER.verify, stored, data.password) and row is not None
+        except (VerifyMismatchError, InvalidHashError):
+            ok = False
+    finally:
+        throttle.slots.release()
     if not ok or row is None:
-        await throttle.failed(data.username, client)
         raise problem(401, "Invalid credentials", "unknown username or wrong password")
-    await throttle.succeeded(data.username)
+    await throttle.succeeded(data.username, client)
     return TokenResponse(
         access_token=tokens.issue(data.username, row[0]),
         token_type="Bearer",
@@ -215,7 +332,10 @@ def demo_users(s: Settings) -> list[tuple[str, str, Role]]:
 
 
 def ensure_demo_users(conn: psycopg.Connection, s: Settings) -> None:
-    """Create or update the configured demo users; an unchanged password is not re-hashed."""
+    """Create or update the configured demo users; an unchanged password is not re-hashed.
+    Only in dev and test: elsewhere no user is created or changed."""
+    if not s.is_dev:
+        return
     for username, password, role in demo_users(s):
         row = conn.execute(
             "SELECT password_hash, role FROM users WHERE username = %s", (username,)

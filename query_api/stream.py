@@ -4,7 +4,8 @@ Each client reads the capped Redis stream at its own pace with its own cursor, s
 costs only its own bounded batch and never slows the others. A client that reconnects with
 `Last-Event-ID` gets every event still in the stream after that id; one that fell so far behind
 that its next event was trimmed gets an `error` event and is disconnected. Comments keep idle
-connections alive through proxies.
+connections alive through proxies. When the client's token expires the stream sends a
+`session.expired` event and ends, so the client authenticates again.
 
 While Redis cannot be reached the stream answers 503 (problem+json, `Retry-After`), and an open
 stream ends; the projections hold the events of that time and publish them once Redis returns,
@@ -13,6 +14,7 @@ so a client that comes back with `Last-Event-ID` receives them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -25,7 +27,7 @@ from litestar.security.jwt import Token
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from contracts import Streams
+from contracts import Events, Streams
 from query_api.services import Services
 from runtime.http import problem
 
@@ -46,7 +48,7 @@ def _unavailable() -> ProblemDetailsException:
 
 def _authenticate(
     request: Request[Any, Any, Any], services: Services, query_token: str | None
-) -> str:
+) -> Token:
     scheme, _, header_token = request.headers.get("authorization", "").partition(" ")
     encoded = header_token if scheme.lower() == "bearer" and header_token else query_token
     if not encoded:
@@ -55,7 +57,7 @@ def _authenticate(
         token = Token.decode(encoded, services.settings.auth_token_secret, "HS256")
     except NotAuthorizedException as exc:
         raise problem(401, "Invalid token", str(exc.detail)) from exc
-    return token.sub
+    return token
 
 
 def _older(a: str, b: str) -> bool:
@@ -65,13 +67,21 @@ def _older(a: str, b: str) -> bool:
 
 
 async def _events(
-    redis: Redis, key: str, cursor: str, notice: str | None
+    redis: Redis, key: str, cursor: str, notice: str | None, expires_at: float
 ) -> AsyncIterator[ServerSentEventMessage]:
     if notice:
         yield ServerSentEventMessage(event="error", data=f'{{"reason": "{notice}"}}')
     while True:
+        left_ms = int((expires_at - time.time()) * 1000)
+        if left_ms <= 0:  # the token has expired: say so and end; the client logs in again
+            yield ServerSentEventMessage(
+                event=Events.SESSION_EXPIRED, data='{"reason": "the access token expired"}'
+            )
+            return
         try:
-            found: Any = await redis.xread({key: cursor}, count=BATCH, block=HEARTBEAT_MS)
+            found: Any = await redis.xread(
+                {key: cursor}, count=BATCH, block=max(1, min(HEARTBEAT_MS, left_ms))
+            )
             full = bool(found) and len(found[0][1]) == BATCH
             first: Any = await redis.xrange(key, count=1) if full else None
         except RedisError:  # Redis gone (or the API stopping): end; the client reconnects
@@ -99,8 +109,9 @@ async def stream(
     access_token: Annotated[str | None, Parameter(description="for EventSource clients")] = None,
     last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
 ) -> ServerSentEvent:
-    """alert.*, notification.*, control.updated and device.latest events, as they happen."""
-    _authenticate(request, services, access_token)
+    """alert.*, notification.*, control.updated and device.latest events, as they happen;
+    session.expired, then the end of the stream, when the token expires."""
+    token = _authenticate(request, services, access_token)
     key = services.settings.topic(Streams.EVENTS)
     redis = services.stream_redis
     notice = None
@@ -121,4 +132,4 @@ async def stream(
             cursor = last[0][0].decode() if last else "0-0"
     except RedisError as exc:
         raise _unavailable() from exc
-    return ServerSentEvent(_events(redis, key, cursor, notice))
+    return ServerSentEvent(_events(redis, key, cursor, notice, token.exp.timestamp()))

@@ -16,7 +16,8 @@ DEV_TOKEN_SECRET = "dev-only-token-secret-do-not-use-in-production"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    environment: str = Field("dev", description="dev | test | prod")
+    # No default: the platform's processes refuse to start without it (require_environment).
+    environment: str = Field("", description="dev | test | production (anything else: production)")
     log_level: str = "INFO"
 
     # Services
@@ -69,6 +70,9 @@ class Settings(BaseSettings):
     auth_viewer_password: str = "viewer-dev-password"
     login_max_failures: int = Field(5, ge=1, description="failed logins before a lockout")
     login_lockout_s: int = Field(300, ge=1)
+    # argon2 verifications at once per API process (each takes 64 MiB); a login that finds
+    # none free within 5 s is refused with 503 and Retry-After
+    login_max_verifications: int = Field(4, ge=1)
     device_offline_after_s: int = Field(120, ge=1)
     device_latest_interval_s: float = Field(2.0, ge=0, description="per-device SSE throttle")
     event_stream_maxlen: int = Field(10_000, ge=100, description="events kept for resuming")
@@ -113,6 +117,16 @@ class Settings(BaseSettings):
     def is_dev(self) -> bool:
         return self.environment in ("dev", "test")
 
+    @property
+    def environment_problem(self) -> str | None:
+        """Why a platform process must not start in this environment, or None."""
+        if not self.environment.strip():
+            return (
+                "ENVIRONMENT is not set: set it to dev, test or production"
+                " (make dev sets dev, make test sets test)"
+            )
+        return None
+
     @field_validator("stack_dir")
     @classmethod
     def _anchor_stack_dir(cls, value: Path) -> Path:
@@ -127,6 +141,15 @@ class Settings(BaseSettings):
     @property
     def kafka_port(self) -> int:
         return int(self.kafka_bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+
+
+class MissingEnvironment(RuntimeError):
+    """A platform process was started without ENVIRONMENT."""
+
+
+def require_environment(s: Settings) -> None:
+    if reason := s.environment_problem:
+        raise MissingEnvironment(reason)
 
 
 @lru_cache(maxsize=1)
