@@ -43,14 +43,18 @@ async def readyz(gateway: Gateway) -> Response[dict[str, Any]]:
 # fast path in front of the app (ingest_gateway.fastpath) passes on to Litestar.
 @post("/api/v1/telemetry", status_code=202, tags=["telemetry"])
 async def ingest_reading(request: Request[Any, Any, Any], gateway: Gateway) -> Accepted:
-    auth, body = request.headers.get("authorization", ""), await request.body()
-    return Accepted(accepted=await gateway.ingest(auth, body, batch=False))
+    key = await gateway.authenticate(request.headers.get("authorization", ""))
+    body = await gateway.read_body(request.body())
+    assert body is not None
+    return Accepted(accepted=await gateway.ingest(key, body, batch=False))
 
 
 @post("/api/v1/telemetry/batch", status_code=202, tags=["telemetry"])
 async def ingest_batch(request: Request[Any, Any, Any], gateway: Gateway) -> Accepted:
-    auth, body = request.headers.get("authorization", ""), await request.body()
-    return Accepted(accepted=await gateway.ingest(auth, body, batch=True))
+    key = await gateway.authenticate(request.headers.get("authorization", ""))
+    body = await gateway.read_body(request.body())
+    assert body is not None
+    return Accepted(accepted=await gateway.ingest(key, body, batch=True))
 
 
 def create_app(settings: Settings | None = None, gateway: Gateway | None = None) -> Litestar:

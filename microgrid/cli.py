@@ -8,10 +8,14 @@ import json
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    import psycopg
 
 from runtime.settings import Settings, get_settings
 
@@ -175,6 +179,92 @@ def keys_create(site: Annotated[str, typer.Option(help="site the key may send fo
     except psycopg.OperationalError as exc:
         _fail(f"cannot reach PostgreSQL ({exc}); is the stack up (`microgrid stack up`)?")
     sys.stdout.write(key + "\n")
+
+
+def _key_db() -> psycopg.Connection:
+    import psycopg
+
+    try:
+        return psycopg.connect(get_settings().database_url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach PostgreSQL ({exc}); is the stack up (`microgrid stack up`)?")
+
+
+def _duration(text: str) -> timedelta:
+    """`90s`, `15m`, `1h`, `2d` or a number of seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give e.g. 90s, 15m, 1h or 2d") from None
+    if seconds < 0:
+        raise typer.BadParameter("must not be negative")
+    return timedelta(seconds=seconds)
+
+
+@keys_app.command("list")
+def keys_list(
+    site: Annotated[str | None, typer.Option(help="only this site's keys")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False,
+) -> None:
+    """Every key (id, prefix, site, created, revoked): never the key or its hash."""
+    from runtime.keys import list_keys
+
+    with _key_db() as conn:
+        keys = list_keys(conn, site)
+    if as_json:
+        sys.stdout.write(json.dumps([k.as_json() for k in keys]) + "\n")
+        return
+    rows = [("ID", "PREFIX", "SITE", "CREATED", "REVOKED", "STATUS")]
+    for k in keys:
+        revoked = k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-"
+        status = "revoked" if not k.active else "expiring" if k.revoked_at else "active"
+        created = k.created_at.isoformat(timespec="seconds")
+        rows.append((str(k.id), k.prefix, k.site, created, revoked, status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="the key's id, its prefix (mgk_...) or the key")],
+) -> None:
+    """Revoke a key now: the gateway refuses it within INGEST_KEY_CACHE_S."""
+    from runtime.keys import KeyNotFound, revoke_key
+
+    with _key_db() as conn:
+        try:
+            done = revoke_key(conn, key)
+        except KeyNotFound as exc:
+            _fail(str(exc))
+    typer.echo(f"revoked key {done.id} ({done.prefix}, site {done.site}) at {done.revoked_at}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key: Annotated[str, typer.Argument(help="the key's id, its prefix (mgk_...) or the key")],
+    grace: Annotated[
+        str, typer.Option(help="keep the old key working this long (90s, 15m, 1h, 2d)")
+    ] = "0s",
+) -> None:
+    """Print a new key for the same site on stdout (nothing else) and revoke the old one, now
+    or after --grace."""
+    from runtime.keys import KeyNotFound, rotate_key
+
+    after = _duration(grace)
+    with _key_db() as conn:
+        try:
+            new, info, old = rotate_key(conn, key, after)
+        except KeyNotFound as exc:
+            _fail(str(exc))
+    sys.stdout.write(new + "\n")
+    typer.echo(
+        f"new key {info.id} ({info.prefix}) for site {info.site}; old key {old.id}"
+        f" ({old.prefix}) revoked at {old.revoked_at}",
+        err=True,
+    )
 
 
 @app.command()

@@ -49,7 +49,11 @@ class Settings(BaseSettings):
     # Optional readings-per-second limits (0: none), shared by all workers through Redis.
     ingest_key_readings_per_s: int = Field(0, ge=0)
     ingest_site_readings_per_s: int = Field(0, ge=0)
+    # A verified key is trusted this long without asking PostgreSQL again: a revoked key is
+    # refused within this time, and while PostgreSQL is unreachable no longer than this.
     ingest_key_cache_s: float = Field(30.0, ge=0)
+    # How long a request may take to send its body once its key is accepted (else 408).
+    ingest_body_timeout_s: float = Field(5.0, gt=0)
     producer_linger_ms: int = Field(5, ge=0)
     producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     producer_max_batch_bytes: int = Field(1_048_576, ge=16_384)

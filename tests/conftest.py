@@ -112,7 +112,8 @@ class Components:
             port = env.get("GATEWAY_PORT" if name == "gateway" else "API_PORT")
             default = self.s.gateway_port if name == "gateway" else self.s.api_port
             url = f"http://127.0.0.1:{port or default}"
-            wait_for(lambda: self.healthy(url), 30, f"{name} /healthz")
+            # 90 s: on a busy machine a worker's imports alone took 25 s
+            wait_for(lambda: self.healthy(url), 90, f"{name} /healthz")
         if name == "alerter":  # a new group starts at the log's end: wait until it has joined
             wait_for(
                 lambda: log_path.read_text(errors="replace").count("restored state") > seen,

@@ -240,9 +240,14 @@ def test_gateway_is_ready_when_broker_and_database_answer(platform: Components) 
     assert r.json() == {"status": "ready", "checks": {"kafka": "ok", "postgres": "ok"}}
 
 
-def test_requests_in_progress_of_a_killed_worker_do_not_stay_counted(platform: Components) -> None:
+def test_requests_in_progress_of_a_killed_worker_do_not_stay_counted(
+    platform: Components, device_key: str
+) -> None:
     port = free_port()
-    platform.start("gateway", alias="crash-gateway", GATEWAY_PORT=str(port))
+    # a body that never finishes stays in progress (up to the body timeout) with a good key
+    platform.start(
+        "gateway", alias="crash-gateway", GATEWAY_PORT=str(port), INGEST_BODY_TIMEOUT_S="120"
+    )
     url = f"http://127.0.0.1:{port}"
 
     def in_progress() -> float:
@@ -274,7 +279,9 @@ def test_requests_in_progress_of_a_killed_worker_do_not_stay_counted(platform: C
             # a request whose body never finishes: in progress until its worker dies
             sock.sendall(
                 b"POST /api/v1/telemetry HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n"
-                b'Content-Type: application/json\r\n\r\n{"device_id"'
+                b"Authorization: Bearer %s\r\n"
+                % device_key.encode()
+                + b'Content-Type: application/json\r\n\r\n{"device_id"'
             )
             wait_for(lambda: in_progress() == 1, 10, what="one request in progress")
             for pid in before:

@@ -1,7 +1,8 @@
 """Outages stay local: with Redis away the projections keep writing PostgreSQL, the live stream
 answers 503 and catches up once Redis returns; after a PostgreSQL restart the next request
-succeeds. Private Redis and PostgreSQL instances (tests/outages.py) and a Kafka namespace of
-their own keep the shared stack untouched."""
+succeeds; while PostgreSQL is away the gateway trusts a key no longer than its cache time.
+Private Redis and PostgreSQL instances (tests/outages.py) and a Kafka namespace of their own
+keep the shared stack untouched."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import pytest
 
 from runtime.db import migrate
 from runtime.kafka import delete_topics, ensure_topics, topic_specs
+from runtime.keys import create_key
 from runtime.settings import Settings
 from tests.conftest import RUN_ID, Components, free_port, wait_for
 from tests.e2e.test_reading_identity import RetryingLoad, identity_rows
 from tests.outages import PrivatePostgres, PrivateRedis
 from tests.sse import SSEClient
+from tests.support import new_device, reading
 
 OUTAGE_S = 30
 
@@ -153,6 +156,81 @@ def test_the_first_request_after_a_postgres_restart_succeeds(
         assert int(down.headers["retry-after"]) >= 1
         pg.start()
         assert login(api, namespace).status_code == 200
+    finally:
+        parts.stop_all()
+        pg.remove()
+
+
+def test_while_postgres_is_away_keys_are_trusted_no_longer_than_the_cache_time(
+    namespace: Settings, redis: PrivateRedis, tmp_path: Path
+) -> None:
+    """A flood of 10,000 bogus keys evicts no good key (unknown keys are cached apart, by
+    hash): with PostgreSQL stopped after it, the good key is still served from the cache. A
+    key is served so only until INGEST_KEY_CACHE_S after PostgreSQL last confirmed it, then
+    refused with 503; a key never seen is refused at once."""
+    cache_s = 10.0
+    pg = PrivatePostgres()
+    parts = Components(namespace, tmp_path)
+    try:
+        pg.up()
+        migrate(namespace.model_copy(update={"database_url": pg.url}))
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            good, other = create_key(conn, "site-pg"), create_key(conn, "site-pg")
+        urls = {}
+        # `long` keeps keys for 10 minutes (the flood may take a while on a busy machine),
+        # `short` for cache_s; one worker each, so every request sees the same cache
+        for name, cache in (("long", "600"), ("short", str(cache_s))):
+            env = env_for(
+                namespace, redis, DATABASE_URL=pg.url, GATEWAY_WORKERS="1", INGEST_KEY_CACHE_S=cache
+            )
+            urls[name] = f"http://127.0.0.1:{env['GATEWAY_PORT']}/api/v1/telemetry"
+            parts.start("gateway", alias=f"gateway-{name}", **env)
+
+        def send(gateway: str, key: str) -> httpx.Response:
+            body, auth = reading(new_device(), "site-pg"), {"Authorization": f"Bearer {key}"}
+            return httpx.post(urls[gateway], headers=auth, json=body, timeout=20)
+
+        assert send("long", good).status_code == 202
+
+        async def flood() -> list[int]:
+            limit = asyncio.Semaphore(32)
+            async with httpx.AsyncClient(timeout=20) as client:
+
+                async def one(i: int) -> int:
+                    async with limit:
+                        auth = {"Authorization": f"Bearer mgk_bogus{i}"}
+                        r = await client.post(urls["long"], headers=auth, content=b"{}")
+                        return r.status_code
+
+                return await asyncio.gather(*(one(i) for i in range(10_000)))
+
+        began = time.monotonic()
+        assert set(asyncio.run(flood())) == {401}
+        flooded = time.monotonic() - began
+
+        assert send("short", good).status_code == 202
+        confirmed = time.monotonic()
+        pg.stop()
+        assert send("long", good).status_code == 202  # still cached after the flood
+        assert send("short", good).status_code == 202  # confirmed within the cache time
+        assert time.monotonic() - confirmed < cache_s, "too slow to show the cached answer"
+        for gateway in ("long", "short"):  # a key never seen cannot be checked
+            never_seen = send(gateway, other)
+            assert never_seen.status_code == 503, never_seen.text
+            assert never_seen.headers["content-type"].startswith("application/problem+json")
+            assert never_seen.json()["outcome"] == "not stored"
+            assert int(never_seen.headers["retry-after"]) >= 1
+
+        wait_for(lambda: time.monotonic() - confirmed > cache_s + 0.2, cache_s + 5, "cache time")
+        stale = send("short", good)
+        assert stale.status_code == 503, stale.text
+        assert "cannot check the key" in stale.json()["detail"]
+        assert stale.json()["outcome"] == "not stored"
+        assert int(stale.headers["retry-after"]) >= 1
+        pg.start()
+        wait_for(lambda: send("short", good).status_code == 202, 30, "the key accepted again")
+        wait_for(lambda: send("long", other).status_code == 202, 30, "a new key accepted")
+        print(f"\n10,000 bogus keys took {flooded:.1f} s; the good key stayed cached")
     finally:
         parts.stop_all()
         pg.remove()
