@@ -163,6 +163,7 @@ class Gateway:
         self.body_deadlines.stop()
         await self.producer.stop()  # flushes what is buffered
         await self.probe.close()
+        await self.pool.close()
 
     async def _watch_broker(self) -> None:
         """Look at the broker every `BROKER_CHECK_S`: while it cannot be reached, requests
@@ -182,7 +183,6 @@ class Gateway:
                 log.info("broker reachable again")
             self.broker_down = why
             await asyncio.sleep(BROKER_CHECK_S)
-        await self.pool.close()
 
     def readiness_checks(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """The broker and PostgreSQL (device keys) answer, and this worker's producer is alive."""
