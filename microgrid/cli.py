@@ -25,6 +25,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Device ingest keys.")
 contracts_app = typer.Typer(no_args_is_help=True, help="OpenAPI and AsyncAPI documents.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(keys_app, name="keys")
+users_app = typer.Typer(no_args_is_help=True, help="Users of the query API.")
+app.add_typer(users_app, name="users")
 app.add_typer(contracts_app, name="contracts")
 
 
@@ -188,6 +190,39 @@ def _key_db() -> psycopg.Connection:
         return psycopg.connect(get_settings().database_url, autocommit=True)
     except psycopg.OperationalError as exc:
         _fail(f"cannot reach PostgreSQL ({exc}); is the stack up (`microgrid stack up`)?")
+
+
+@users_app.command("set")
+def users_set(
+    username: Annotated[str, typer.Argument(help="login name")],
+    role: Annotated[str, typer.Option(help="admin, operator or viewer")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the password from stdin")
+    ] = False,
+) -> None:
+    """Create a user of the query API, or set an existing one's role and password (argon2
+    hash stored). The password is asked for twice, or read from stdin."""
+    from query_api.auth import HASHER
+
+    if role not in ("admin", "operator", "viewer"):
+        _fail(f"unknown role {role!r}: admin, operator or viewer")
+    if not 1 <= len(username) <= 100:
+        _fail("a username has 1 to 100 characters")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 12:
+        _fail("a password has at least 12 characters")
+    with _key_db() as conn:
+        row = conn.execute(
+            "INSERT INTO users (username, role, password_hash) VALUES (%s, %s, %s)"
+            " ON CONFLICT (username) DO UPDATE SET role = EXCLUDED.role,"
+            " password_hash = EXCLUDED.password_hash, updated_at = now()"
+            " RETURNING (xmax = 0)",
+            (username, role, HASHER.hash(password)),
+        ).fetchone()
+    typer.echo(f"{'created' if row and row[0] else 'updated'} {username} ({role})", err=True)
 
 
 def _duration(text: str) -> timedelta:

@@ -179,3 +179,53 @@ def test_a_bad_key_is_refused_before_the_body_and_a_slow_body_times_out(
             assert took >= BODY_TIMEOUT_S - 0.1
             assert b"connection: close" in head
             assert b"INGEST_BODY_TIMEOUT_S" in body and b"not stored" in body
+
+
+def users_cli(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "microgrid.cli", "users", *args],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=os.environ,
+        input=stdin,
+        timeout=60,
+    )
+
+
+def test_a_user_set_by_the_cli_logs_in_with_its_role(platform: Components) -> None:
+    name = f"ops-{os.urandom(4).hex()}"
+
+    def login(password: str) -> httpx.Response:
+        return httpx.post(
+            f"{platform.api_url}/api/v1/auth/login",
+            json={"username": name, "password": password},
+            timeout=10,
+        )
+
+    made = users_cli(
+        "set", name, "--role", "operator", "--password-stdin", stdin="first-password-1\n"
+    )
+    assert made.returncode == 0, made.stderr
+    assert f"created {name} (operator)" in made.stderr
+    r = login("first-password-1")
+    assert r.status_code == 200, r.text
+    assert r.json()["role"] == "operator"
+
+    changed = users_cli(
+        "set", name, "--role", "viewer", "--password-stdin", stdin="second-password-2\n"
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert f"updated {name} (viewer)" in changed.stderr
+    assert login("first-password-1").status_code == 401
+    again = login("second-password-2")
+    assert again.status_code == 200, again.text
+    assert again.json()["role"] == "viewer"
+
+    short = users_cli("set", name, "--role", "admin", "--password-stdin", stdin="short\n")
+    assert short.returncode != 0 and "at least 12" in short.stderr
+    bad_role = users_cli(
+        "set", name, "--role", "root", "--password-stdin", stdin="long-enough-pw\n"
+    )
+    assert bad_role.returncode != 0 and "unknown role" in bad_role.stderr
+    assert login("second-password-2").json()["role"] == "viewer"  # refused changes changed nothing
