@@ -12,7 +12,6 @@ Also announces each device's latest reading on the live event stream, at most on
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from datetime import UTC, date, datetime
@@ -24,9 +23,8 @@ from aiokafka import ConsumerRecord
 from contracts import Events, Groups, Reading, ReadingBatch, Topics
 from projections import telemetry_store as store
 from projections.base import AfterCommit, Projection
-from runtime.dlq import dlq_headers
+from runtime.dlq import Letter
 from runtime.events import EventStream
-from runtime.kafka import RenewableProducer
 from runtime.metrics import READINGS
 from runtime.settings import Settings
 
@@ -58,8 +56,6 @@ class TelemetryProjection(Projection[Source]):
         self.days: set[date] = set()
         self.events = events
         self.announced: dict[str, float] = {}
-        self.dlq = s.topic(Topics.TELEMETRY_DLQ)
-        self.producer = RenewableProducer(s, "microgrid-projector-telemetry")  # started on need
         self._counts = {
             outcome: READINGS.labels(self.group, outcome)
             for outcome in ("stored", "duplicate", "conflict")
@@ -67,9 +63,6 @@ class TelemetryProjection(Projection[Source]):
 
     def decode(self, rec: ConsumerRecord[bytes, bytes]) -> Source:
         return Source(rec.partition, rec.offset, self.decoder.decode(rec.value or b"").readings)
-
-    async def close(self) -> None:
-        await self.producer.stop()
 
     async def apply(self, conn: psycopg.AsyncConnection, items: list[Source]) -> AfterCommit:
         fresh, repeats, conflicts = first_of_each_identity(items)
@@ -103,33 +96,19 @@ class TelemetryProjection(Projection[Source]):
         return announce
 
     async def dead_letter(self, conflicts: list[tuple[Source, Reading]]) -> None:
-        if self.producer.producer is None:
-            await self.producer.start()
-        producer = self.producer.producer
-        assert producer is not None
-        pending = []
-        for src, r in conflicts:
-            log.warning(
-                "dead-lettered a conflicting duplicate of (%s, %s) from %s[%d]@%d",
-                r.device_id,
-                r.ts.isoformat(),
-                self.topic,
-                src.partition,
-                src.offset,
-            )
-            headers = dlq_headers(
-                CONFLICT_REASON, self.group, self.topic, src.partition, src.offset
-            )
-            pending.append(
-                await producer.send(
-                    self.dlq, msgspec.json.encode(r), key=r.device_id.encode(), headers=headers
+        await self.dead_letters.send_letters(
+            [
+                Letter(
+                    msgspec.json.encode(r),
+                    r.device_id.encode(),
+                    CONFLICT_REASON,
+                    self.topic,
+                    src.partition,
+                    src.offset,
                 )
-            )
-        try:
-            await asyncio.gather(*pending)
-        except Exception:
-            await self.producer.renew_if_broken()
-            raise
+                for src, r in conflicts
+            ]
+        )
 
 
 def first_of_each_identity(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
 
@@ -32,6 +33,18 @@ def dlq_headers(
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Letter:
+    """What goes to a dead-letter topic, and which record of which topic it came from."""
+
+    value: bytes | None
+    key: bytes | None
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+
+
 class DeadLetters:
     """One stage's dead-letter topic, with a producer started on first need."""
 
@@ -41,27 +54,41 @@ class DeadLetters:
         self.producer = RenewableProducer(s, f"{stage}-dlq")
 
     async def send(self, records: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
-        """Dead-letter each (record, reason) and return once the broker acknowledged them all;
-        raises (KafkaError) when it did not, so the caller keeps its position and retries."""
-        if not records:
+        """Dead-letter each (record, reason), unchanged, and return once the broker
+        acknowledged them all; raises (KafkaError) when it did not, so the caller keeps its
+        position and retries."""
+        await self.send_letters(
+            [
+                Letter(r.value, r.key, reason, r.topic, r.partition, r.offset)
+                for r, reason in records
+            ]
+        )
+        RECORDS.labels(self.stage, "dead-lettered").inc(len(records))
+
+    async def send_letters(self, letters: list[Letter]) -> None:
+        """Like `send`, for letters whose value is not the source record's (a part of it)."""
+        if not letters:
             return
         if self.producer.producer is None:
             await self.producer.start()
         producer = self.producer.producer
         assert producer is not None
         pending = []
-        for rec, reason in records:
+        for letter in letters:
             log.warning(
                 "%s dead-lettered %s[%d]@%d: %s",
                 self.stage,
-                rec.topic,
-                rec.partition,
-                rec.offset,
-                reason,
+                letter.topic,
+                letter.partition,
+                letter.offset,
+                letter.reason,
             )
-            headers = dlq_headers(reason, self.stage, rec.topic, rec.partition, rec.offset)
-            pending.append(await producer.send(self.topic, rec.value, key=rec.key, headers=headers))
-            RECORDS.labels(self.stage, "dead-lettered").inc()
+            headers = dlq_headers(
+                letter.reason, self.stage, letter.topic, letter.partition, letter.offset
+            )
+            pending.append(
+                await producer.send(self.topic, letter.value, key=letter.key, headers=headers)
+            )
         try:
             await asyncio.gather(*pending)
         except Exception:
