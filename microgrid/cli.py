@@ -196,33 +196,62 @@ def _key_db() -> psycopg.Connection:
 def users_set(
     username: Annotated[str, typer.Argument(help="login name")],
     role: Annotated[str, typer.Option(help="admin, operator or viewer")],
+    sites: Annotated[
+        str | None,
+        typer.Option(help="comma-separated sites an operator or viewer sees and acts on"),
+    ] = None,
+    all_sites: Annotated[
+        bool, typer.Option("--all-sites", help="see and act on every site (the default)")
+    ] = False,
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="read the password from stdin")
     ] = False,
 ) -> None:
-    """Create a user of the query API, or set an existing one's role and password (argon2
-    hash stored). The password is asked for twice, or read from stdin."""
+    """Create a user of the query API, or set an existing one's role, sites and password
+    (argon2 hash stored). The password is asked for twice, or read from stdin. Without
+    --sites or --all-sites a new user sees every site and an existing one keeps its sites."""
+    import msgspec
+
+    from contracts.readings import Identifier
     from query_api.auth import HASHER
 
     if role not in ("admin", "operator", "viewer"):
         _fail(f"unknown role {role!r}: admin, operator or viewer")
     if not 1 <= len(username) <= 100:
         _fail("a username has 1 to 100 characters")
+    scope: list[str] | None = None
+    if sites is not None:
+        if all_sites:
+            _fail("give --sites or --all-sites, not both")
+        if role == "admin":
+            _fail("an admin sees every site: --sites is for operators and viewers")
+        scope = sorted({part.strip() for part in sites.split(",") if part.strip()})
+        if not scope:
+            _fail("--sites needs at least one site")
+        for site in scope:
+            try:
+                msgspec.convert(site, Identifier)
+            except msgspec.ValidationError:
+                _fail(f"invalid site id {site!r}: letters, digits and . _ : - (at most 64)")
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
     if len(password) < 12:
         _fail("a password has at least 12 characters")
+    keep = sites is None and not all_sites and role != "admin"  # an existing user's sites
     with _key_db() as conn:
         row = conn.execute(
-            "INSERT INTO users (username, role, password_hash) VALUES (%s, %s, %s)"
+            "INSERT INTO users (username, role, password_hash, sites) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (username) DO UPDATE SET role = EXCLUDED.role,"
-            " password_hash = EXCLUDED.password_hash, updated_at = now()"
-            " RETURNING (xmax = 0)",
-            (username, role, HASHER.hash(password)),
+            " password_hash = EXCLUDED.password_hash, updated_at = now(),"
+            " sites = CASE WHEN %s THEN users.sites ELSE EXCLUDED.sites END"
+            " RETURNING (xmax = 0), sites",
+            (username, role, HASHER.hash(password), scope, keep),
         ).fetchone()
-    typer.echo(f"{'created' if row and row[0] else 'updated'} {username} ({role})", err=True)
+    assert row is not None
+    seen = "every site" if row[1] is None else "sites " + ", ".join(row[1])
+    typer.echo(f"{'created' if row[0] else 'updated'} {username} ({role}, {seen})", err=True)
 
 
 def _duration(text: str) -> timedelta:

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # A verified key is trusted this long without asking PostgreSQL again: a revoked key is
     # refused within this time, and while PostgreSQL is unreachable no longer than this.
     ingest_key_cache_s: float = Field(30.0, ge=0)
+    # How a device comes to belong to a site: "first-reading" registers an unknown device to
+    # the site of the first reading that names it (under a key of that site); "admin" accepts
+    # readings only for devices an admin registered (`microgrid devices add`).
+    device_registration: Literal["first-reading", "admin"] = "first-reading"
     # How long a request may take to send its body once its key is accepted (else 408).
     ingest_body_timeout_s: float = Field(5.0, gt=0)
     producer_linger_ms: int = Field(5, ge=0)
