@@ -1,6 +1,7 @@
 """The device side of control commands over HTTP: long-poll the next command, post the result.
 
-A device may fetch and answer only commands of devices in its key's site. Each command is
+A device may fetch and answer only commands of devices its key's site owns (the registry,
+`runtime.devices`). Each command is
 handed out once: the gateway's ledger (`command_deliveries`) records the hand-over, and a
 `delivered` control event is queued in the outbox in the same transaction, for the control read
 model. Results go to `control.results` like Kafka devices' replies.
@@ -22,6 +23,7 @@ from contracts import Topics
 from contracts.control import CommandDispatch, CommandResult, ControlEvent
 from ingest_gateway.gateway import Gateway
 from runtime import outbox
+from runtime.devices import RegistryUnavailable
 from runtime.http import problem
 
 POLL_INTERVAL_S = 0.25
@@ -42,11 +44,7 @@ WITH next AS (
 SELECT next.id::text, next.device_id, next.command, next.params, next.deadline
 FROM next JOIN taken ON taken.command_id = next.id
 """
-DEVICE_SITE_SQL = "SELECT site_id FROM devices WHERE device_id = %s"
-COMMAND_SITE_SQL = """
-SELECT c.device_id, d.site_id FROM control_commands c JOIN devices d USING (device_id)
-WHERE c.id = %s
-"""
+COMMAND_DEVICE_SQL = "SELECT device_id FROM control_commands WHERE id = %s"
 
 
 class DeviceCommands:
@@ -64,17 +62,24 @@ class DeviceCommands:
         return key.site
 
     async def site_of_device(self, device_id: str) -> str | None:
+        """The site the registry says the device belongs to (None: not registered). Asking
+        registers nothing: a device is registered by its readings or by an admin."""
+        try:
+            return (await self.gateway.devices.resolve([device_id]))[device_id]
+        except RegistryUnavailable as exc:
+            raise problem(
+                503,
+                "Device registry unavailable",
+                "cannot check which site the device belongs to: PostgreSQL is unreachable",
+                headers={"Retry-After": "1"},
+            ) from exc
+
+    async def device_of(self, command_id: Any) -> str | None:
+        """The device a command is for, None if there is no such command."""
         async with self.gateway.pool.connection() as conn:
-            cur = await conn.execute(DEVICE_SITE_SQL, (device_id,))
+            cur = await conn.execute(COMMAND_DEVICE_SQL, (command_id,))
             row = await cur.fetchone()
         return row[0] if row else None
-
-    async def owner_of(self, command_id: Any) -> tuple[str, str] | None:
-        """(device id, site id) of a command, None if there is no such command."""
-        async with self.gateway.pool.connection() as conn:
-            cur = await conn.execute(COMMAND_SITE_SQL, (command_id,))
-            row = await cur.fetchone()
-        return (row[0], row[1]) if row else None
 
     async def take_next(self, device_id: str) -> CommandDispatch | None:
         """Hand out the device's oldest undelivered command, once (a concurrent poll that lost
@@ -121,7 +126,7 @@ async def next_command(
     """The device's next command (200), or 204 when none came within `wait` seconds."""
     site = await commands.site_of_key(request)
     if await commands.site_of_device(device_id) != site:
-        raise problem(403, "Not your device", f"this key may not act for {device_id!r}")
+        raise problem(403, "Not your device", f"{device_id!r} is not a device of this key's site")
     deadline = time.monotonic() + wait
     while True:
         command = await commands.take_next(device_id)
@@ -144,11 +149,10 @@ async def command_result(
         raise problem(422, "Invalid result", str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise problem(400, "Malformed JSON", str(exc)) from exc
-    owner = await commands.owner_of(command_id)
-    if owner is None:
+    device_id = await commands.device_of(command_id)
+    if device_id is None:
         raise problem(404, "Unknown command", f"no command {command_id}")
-    device_id, device_site = owner
-    if device_site != site:
+    if await commands.site_of_device(device_id) != site:
         raise problem(403, "Not your command", "this key may not answer for that device")
     await commands.send_result(
         CommandResult(

@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from contracts import Reading, ReadingBatch, TimeWindow, Topics, check_time_window
 from ingest_gateway.keys import Key, KeyStore, KeyStoreUnavailable
 from ingest_gateway.rate_limits import RateLimits
+from runtime.devices import DeviceOwners, RegistryUnavailable
 from runtime.http import postgres_check, problem
 from runtime.kafka import KafkaProbe, RenewableProducer
 from runtime.settings import Settings
@@ -135,6 +136,7 @@ class Gateway:
             check=AsyncConnectionPool.check_connection,  # a connection a restart broke: replaced
         )
         self.keys = KeyStore(self.pool, settings.ingest_key_cache_s)
+        self.devices = DeviceOwners(self.pool, settings.database_url, settings.device_registration)
         self.body_deadlines = BodyDeadlines(settings.ingest_body_timeout_s)
         self.producer = RenewableProducer(settings, "microgrid-gateway", linger_ms=0)
         self.window = SendWindow(settings.producer_linger_ms / 1000)
@@ -154,6 +156,7 @@ class Gateway:
     async def start(self) -> None:
         await self.pool.open()
         await self.producer.start()
+        await self.devices.start()
         self._watch = asyncio.create_task(self._watch_broker())
         log.info("gateway ready, producing to %s", self.topic)
 
@@ -161,6 +164,7 @@ class Gateway:
         if self._watch is not None:
             self._watch.cancel()
         self.body_deadlines.stop()
+        await self.devices.stop()
         await self.producer.stop()  # flushes what is buffered
         await self.probe.close()
         await self.pool.close()
@@ -229,8 +233,51 @@ class Gateway:
         self.check(readings, key.site)
         if self.limits.enabled:
             await self.limits.check(key.id, key.site, len(readings))
-        await self.publish(readings, len(body))
+        by_device: dict[str, list[Reading]] = {}
+        for r in readings:
+            group = by_device.get(r.device_id)
+            if group is None:
+                by_device[r.device_id] = [r]
+            else:
+                group.append(r)
+        await self.check_owners(by_device, key)
+        await self.publish(by_device, len(readings), len(body))
         return len(readings)
+
+    async def check_owners(self, devices: dict[str, list[Reading]], key: Key) -> None:
+        """Every device belongs to the key's site (403 otherwise, nothing stored). With the
+        first-reading policy an unregistered device is registered to it here."""
+        owners = self.devices.owners
+        site = key.site
+        unknown = [d for d in devices if owners.get(d) != site]
+        if not unknown:  # the usual case: every device cached as this site's
+            return
+        try:
+            found = await self.devices.resolve(unknown, site, f"first reading, key {key.id}")
+        except RegistryUnavailable as exc:
+            raise problem(
+                503,
+                "Device registry unavailable",
+                "cannot check which site the devices belong to: PostgreSQL is unreachable;"
+                " nothing was stored",
+                headers={"Retry-After": self.retry_after},
+                outcome=NOT_STORED,
+            ) from exc
+        unregistered = sorted(d for d in unknown if found[d] is None)
+        if unregistered:
+            raise problem(
+                403,
+                "Device not registered",
+                f"not registered: {_names(unregistered)} (DEVICE_REGISTRATION=admin: an admin"
+                " registers devices with `microgrid devices add`); nothing was stored",
+            )
+        foreign = sorted(d for d in unknown if found[d] != site)
+        if foreign:
+            raise problem(
+                403,
+                "Device of another site",
+                f"not devices of this key's site ({site!r}): {_names(foreign)}; nothing was stored",
+            )
 
     async def authenticate(self, authorization: str) -> Key:
         scheme, _, key = authorization.partition(" ")
@@ -306,7 +353,7 @@ class Gateway:
         self.inflight -= readings
         self.inflight_bytes -= size
 
-    async def publish(self, readings: list[Reading], size: int) -> None:
+    async def publish(self, by_device: dict[str, list[Reading]], n: int, size: int) -> None:
         """Produce the readings, one record per device, and wait for the broker's
         acknowledgement of every record (202), at most `INGEST_ACK_TIMEOUT_MS` from here.
 
@@ -317,7 +364,6 @@ class Gateway:
         in-flight bounds is given back when the producer is done with its records, not
         before: those bounds also bound the producer's memory.
         """
-        n = len(readings)
         if self.broker_down is not None or self.producer.broken:
             raise problem(
                 503,
@@ -329,9 +375,6 @@ class Gateway:
         self.admit(n, size)
         handed: list[asyncio.Future[object]] = []
         try:
-            by_device: dict[str, list[Reading]] = {}
-            for r in readings:
-                by_device.setdefault(r.device_id, []).append(r)
             async with asyncio.timeout(self.s.ingest_ack_timeout_ms / 1000):
                 await self.window.wait()
                 producer = self.producer.producer
@@ -372,6 +415,11 @@ class Gateway:
             else:
                 rest = asyncio.gather(*handed, return_exceptions=True)
                 rest.add_done_callback(lambda _: self.release(n, size))
+
+
+def _names(devices: list[str]) -> str:
+    shown = ", ".join(repr(d) for d in devices[:5])
+    return shown + (f" and {len(devices) - 5} more" if len(devices) > 5 else "")
 
 
 NOT_STORED = "not stored"

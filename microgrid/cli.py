@@ -1,4 +1,5 @@
-"""`microgrid` command line: local stack, migrations, components, keys, simulator."""
+"""`microgrid` command line: local stack, migrations, components, keys, devices, users,
+simulator."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -28,6 +30,10 @@ app.add_typer(keys_app, name="keys")
 users_app = typer.Typer(no_args_is_help=True, help="Users of the query API.")
 app.add_typer(users_app, name="users")
 app.add_typer(contracts_app, name="contracts")
+devices_app = typer.Typer(
+    no_args_is_help=True, help="The device registry: which site owns a device."
+)
+app.add_typer(devices_app, name="devices")
 
 
 def _fail(message: str) -> NoReturn:
@@ -254,6 +260,104 @@ def users_set(
     typer.echo(f"{'created' if row[0] else 'updated'} {username} ({role}, {seen})", err=True)
 
 
+def _admin_name() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@devices_app.command("add")
+def devices_add(
+    device: Annotated[str, typer.Argument(help="device id")],
+    site: Annotated[str, typer.Option(help="the site that owns it")],
+) -> None:
+    """Register DEVICE to SITE: only keys of SITE may then send its readings and take its
+    commands. Registering it again to the same site changes nothing."""
+    from runtime.devices import RegistryError, register_device
+
+    with _key_db() as conn:
+        try:
+            reg, new = register_device(conn, device, site, _admin_name())
+        except RegistryError as exc:
+            _fail(str(exc))
+    typer.echo(
+        f"registered {reg.device_id} to site {reg.site_id}"
+        if new
+        else f"{reg.device_id} already belongs to site {reg.site_id} (since {reg.registered_at})"
+    )
+
+
+@devices_app.command("move")
+def devices_move(
+    device: Annotated[str, typer.Argument(help="device id")],
+    to: Annotated[str, typer.Option("--to", help="the site that owns it from now on")],
+    reason: Annotated[str, typer.Option(help="why (recorded with the move)")],
+) -> None:
+    """Give a registered device to another site, recorded with who and why. Gateways and
+    validators forget the old owner as soon as this commits."""
+    from runtime.devices import RegistryError, move_device
+
+    with _key_db() as conn:
+        try:
+            move = move_device(conn, device, to, _admin_name(), reason)
+        except RegistryError as exc:
+            _fail(str(exc))
+    typer.echo(f"moved {move.device_id} from site {move.from_site} to {move.to_site}")
+
+
+@devices_app.command("list")
+def devices_list(
+    site: Annotated[str | None, typer.Option(help="only this site's devices")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False,
+) -> None:
+    """Registered devices: id, site, when and how each was registered."""
+    from runtime.devices import list_registrations
+
+    with _key_db() as conn:
+        found = list_registrations(conn, site)
+    if as_json:
+        sys.stdout.write(json.dumps([r.as_json() for r in found]) + "\n")
+        return
+    rows = [("DEVICE", "SITE", "REGISTERED", "BY")]
+    for r in found:
+        at = r.registered_at.isoformat(timespec="seconds")
+        rows.append((r.device_id, r.site_id, at, r.registered_by))
+    _table(rows)
+
+
+@devices_app.command("show")
+def devices_show(
+    device: Annotated[str, typer.Argument(help="device id")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """A device's registration and every move between sites."""
+    from runtime.devices import moves_of, registration
+
+    with _key_db() as conn:
+        reg = registration(conn, device)
+        moves = moves_of(conn, device)
+    if reg is None:
+        _fail(f"device {device!r} is not registered")
+    if as_json:
+        doc = {**reg.as_json(), "moves": [m.as_json() for m in moves]}
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    at = reg.registered_at.isoformat(timespec="seconds")
+    typer.echo(f"{reg.device_id}: site {reg.site_id}, registered {at} by {reg.registered_by}")
+    for m in moves:
+        when = m.moved_at.isoformat(timespec="seconds")
+        typer.echo(f"  {when}  {m.from_site} -> {m.to_site}  by {m.moved_by}: {m.reason}")
+
+
 def _duration(text: str) -> timedelta:
     """`90s`, `15m`, `1h`, `2d` or a number of seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -286,9 +390,7 @@ def keys_list(
         status = "revoked" if not k.active else "expiring" if k.revoked_at else "active"
         created = k.created_at.isoformat(timespec="seconds")
         rows.append((str(k.id), k.prefix, k.site, created, revoked, status))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _table(rows)
 
 
 @keys_app.command("revoke")

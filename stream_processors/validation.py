@@ -15,6 +15,7 @@ _encode = msgspec.json.Encoder().encode
 
 class Valid(msgspec.Struct, frozen=True):
     device_id: str
+    site_id: str
     value: bytes  # a normalized ReadingBatch, JSON
     count: int
 
@@ -51,10 +52,13 @@ def validate_record(
     device_id = readings[0].device_id
     if any(r.device_id != device_id for r in readings):
         return Invalid("readings of several devices in one record: send one record per device")
+    site_id = readings[0].site_id
+    if any(r.site_id != site_id for r in readings):
+        return Invalid(f"readings of device {device_id!r} for several sites in one record")
     if key is not None and key != device_id.encode():
         return Invalid(f"record key {key[:80]!r} is not the readings' device id {device_id!r}")
     for i, r in enumerate(readings):
         reason = check_time_window(r, now, window)
         if reason:
             return Invalid(f"readings[{i}]: {reason}")
-    return Valid(device_id, _encode(ReadingBatch(readings=readings)), len(readings))
+    return Valid(device_id, site_id, _encode(ReadingBatch(readings=readings)), len(readings))

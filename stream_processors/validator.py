@@ -1,5 +1,10 @@
 """Validator group: `telemetry.raw` -> `telemetry.valid` (normalized) or `telemetry.dlq` (reason).
 
+Besides the readings' own checks (`validation.py`), each device must belong to the site its
+readings name (the registry, `runtime.devices`): the gateway checked this for HTTP devices;
+for devices producing straight to Kafka it is checked here, and their records for another
+site's device are dead-lettered.
+
 Offsets are committed only after every output record of a poll is acknowledged; a crash
 re-validates from the last commit, and the projection drops the repeats (source offset headers).
 Output goes through a plain idempotent aiokafka producer owned by the app: per record it costs
@@ -17,14 +22,16 @@ from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
+from psycopg_pool import AsyncConnectionPool
 
 from contracts import Groups, Headers, TimeWindow, Topics
+from runtime.devices import DeviceOwners, RegistryUnavailable
 from runtime.dlq import dlq_headers
 from runtime.kafka import RenewableProducer
 from runtime.metrics import RECORDS, report_lag, serve_metrics
 from runtime.settings import Settings
 from stream_processors.partitions import REDELIVERED_BATCHES
-from stream_processors.validation import Valid, validate_record
+from stream_processors.validation import Invalid, Valid, validate_record
 
 log = logging.getLogger("microgrid.validator")
 
@@ -36,6 +43,14 @@ class RecordRouter:
         self.s = s
         self.group = s.group(Groups.VALIDATOR)
         self.producer = RenewableProducer(s, "microgrid-validator-out")
+        self.pool = AsyncConnectionPool(
+            s.database_url,
+            min_size=1,
+            max_size=2,
+            open=False,
+            check=AsyncConnectionPool.check_connection,
+        )
+        self.devices = DeviceOwners(self.pool, s.database_url, s.device_registration)
         self.lag_task: asyncio.Task[None] | None = None
         self.valid = s.topic(Topics.TELEMETRY_VALID)
         self.dlq = s.topic(Topics.TELEMETRY_DLQ)
@@ -47,6 +62,8 @@ class RecordRouter:
     async def start(self) -> None:
         # aiokafka binds a producer to the running loop: make it once the app's loop runs.
         await self.producer.start()
+        await self.pool.open(wait=False)  # the first lookups wait; a missing database retries
+        await self.devices.start()
         serve_metrics(self.s, self.s.validator_metrics_port)
         raw = self.s.topic(Topics.TELEMETRY_RAW)
         self.lag_task = asyncio.create_task(report_lag(self.s, self.group, raw))
@@ -54,7 +71,9 @@ class RecordRouter:
     async def stop(self) -> None:
         if self.lag_task is not None:
             self.lag_task.cancel()
+        await self.devices.stop()
         await self.producer.stop()
+        await self.pool.close()
 
     async def route(self, records: tuple[ConsumerRecord[bytes, bytes], ...]) -> None:
         try:
@@ -68,9 +87,18 @@ class RecordRouter:
         producer = self.producer.producer
         assert producer is not None, "RecordRouter.start() first"
         now = datetime.now(UTC)
+        verdicts = [validate_record(rec.key, rec.value, now, self.window) for rec in records]
+        owners = await self._owners(verdicts)
         pending = []
-        for rec in records:
-            verdict = validate_record(rec.key, rec.value, now, self.window)
+        for rec, verdict in zip(records, verdicts, strict=True):
+            if isinstance(verdict, Valid) and owners.get(verdict.device_id) != verdict.site_id:
+                owner = owners.get(verdict.device_id)
+                verdict = Invalid(
+                    f"device {verdict.device_id!r} is not registered (DEVICE_REGISTRATION=admin)"
+                    if owner is None
+                    else f"device {verdict.device_id!r} belongs to another site than"
+                    f" {verdict.site_id!r}"
+                )
             if isinstance(verdict, Valid):
                 headers = [
                     (Headers.SOURCE_PARTITION, str(rec.partition).encode()),
@@ -94,6 +122,35 @@ class RecordRouter:
             pending.append(fut)
             RECORDS.labels(self.group, "valid" if isinstance(verdict, Valid) else "dlq").inc()
         await asyncio.gather(*pending)
+
+    async def _owners(self, verdicts: list[Valid | Invalid]) -> dict[str, str]:
+        """The owner site of the valid records' devices; with the first-reading policy a
+        device nobody registered is registered to the site its first record names. While
+        PostgreSQL cannot answer for a device not cached, the batch waits and is delivered
+        again: records are neither passed on unchecked nor dead-lettered for an outage."""
+        cached = self.devices.owners
+        owners: dict[str, str] = {}
+        claims: dict[str, str] = {}
+        for v in verdicts:
+            if isinstance(v, Valid):
+                owner = cached.get(v.device_id)
+                if owner is None:
+                    claims.setdefault(v.device_id, v.site_id)
+                else:
+                    owners[v.device_id] = owner
+        for site in set(claims.values()):
+            devices = [d for d, s in claims.items() if s == site]
+            try:
+                found = await self.devices.resolve(devices, site, "first reading, on Kafka")
+            except RegistryUnavailable as exc:
+                log.warning("cannot look up device owners, retrying the batch: %s", exc)
+                await asyncio.sleep(REGISTRY_RETRY_S)
+                raise
+            owners.update((d, o) for d, o in found.items() if o is not None)
+        return owners
+
+
+REGISTRY_RETRY_S = 1.0
 
 
 def create_app(s: Settings) -> FastStream:

@@ -167,7 +167,8 @@ def test_while_postgres_is_away_keys_are_trusted_no_longer_than_the_cache_time(
     """A flood of 10,000 bogus keys evicts no good key (unknown keys are cached apart, by
     hash): with PostgreSQL stopped after it, the good key is still served from the cache. A
     key is served so only until INGEST_KEY_CACHE_S after PostgreSQL last confirmed it, then
-    refused with 503; a key never seen is refused at once."""
+    refused with 503; a key never seen is refused at once, and so is a device whose owner the
+    gateway has not cached."""
     cache_s = 10.0
     pg = PrivatePostgres()
     parts = Components(namespace, tmp_path)
@@ -186,8 +187,10 @@ def test_while_postgres_is_away_keys_are_trusted_no_longer_than_the_cache_time(
             urls[name] = f"http://127.0.0.1:{env['GATEWAY_PORT']}/api/v1/telemetry"
             parts.start("gateway", alias=f"gateway-{name}", **env)
 
-        def send(gateway: str, key: str) -> httpx.Response:
-            body, auth = reading(new_device(), "site-pg"), {"Authorization": f"Bearer {key}"}
+        known = new_device()  # its owner is cached by each gateway before PostgreSQL stops
+
+        def send(gateway: str, key: str, device: str = known) -> httpx.Response:
+            body, auth = reading(device, "site-pg"), {"Authorization": f"Bearer {key}"}
             return httpx.post(urls[gateway], headers=auth, json=body, timeout=20)
 
         assert send("long", good).status_code == 202
@@ -214,6 +217,12 @@ def test_while_postgres_is_away_keys_are_trusted_no_longer_than_the_cache_time(
         assert send("long", good).status_code == 202  # still cached after the flood
         assert send("short", good).status_code == 202  # confirmed within the cache time
         assert time.monotonic() - confirmed < cache_s, "too slow to show the cached answer"
+        # A device whose owner is not cached cannot be checked either (owners never change
+        # while PostgreSQL is away, so a cached one stays true).
+        unknown_device = send("long", good, new_device())
+        assert unknown_device.status_code == 503, unknown_device.text
+        assert unknown_device.json()["title"] == "Device registry unavailable"
+        assert unknown_device.json()["outcome"] == "not stored"
         for gateway in ("long", "short"):  # a key never seen cannot be checked
             never_seen = send(gateway, other)
             assert never_seen.status_code == 503, never_seen.text
