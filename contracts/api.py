@@ -10,7 +10,7 @@ from msgspec import Meta
 
 from contracts.alerting import AlertRuleSpec
 from contracts.control import Status as CommandStatus
-from contracts.readings import METRICS
+from contracts.readings import METRICS, Identifier, Text
 
 Role = Literal["admin", "operator", "viewer"]
 AlertStatus = Literal[
@@ -168,3 +168,50 @@ class CommandPage(msgspec.Struct):
 class AlertRulePage(msgspec.Struct):
     items: list[AlertRuleSpec]
     next_cursor: str | None
+
+
+class RegisterDevice(msgspec.Struct, forbid_unknown_fields=True):
+    """Give a device to a site (admins)."""
+
+    device_id: Identifier
+    site_id: Identifier
+
+
+class MoveDevice(msgspec.Struct, forbid_unknown_fields=True):
+    """Give a registered device to another site (admins); the reason is recorded."""
+
+    site_id: Identifier
+    reason: Annotated[Text, Meta(min_length=1, max_length=500)]
+
+
+class Registration(msgspec.Struct):
+    """Which site a device belongs to, since when and who registered it."""
+
+    device_id: str
+    site_id: str
+    registered_at: datetime
+    registered_by: str
+
+
+class RegistrationPage(msgspec.Struct):
+    items: list[Registration]
+    next_cursor: str | None
+
+
+class DeviceMove(msgspec.Struct):
+    device_id: str
+    from_site: str
+    to_site: str
+    moved_by: str
+    reason: str
+    moved_at: datetime
+
+
+class RegisteredDevice(msgspec.Struct):
+    """A device's registration and every move between sites, oldest first."""
+
+    device_id: str
+    site_id: str
+    registered_at: datetime
+    registered_by: str
+    moves: list[DeviceMove]

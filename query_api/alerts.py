@@ -2,7 +2,10 @@
 
 An acknowledgement is an event: queued in the outbox for the `alerts` topic, applied by the
 alerts projection (the tables' only writer). The handler answers with the acknowledged row once
-the projection applied it (200), or 202 if that takes longer than a few seconds."""
+the projection applied it (200), or 202 if that takes longer than a few seconds.
+
+A user scoped to sites sees and acks only the alerts and notifications of their sites' devices
+(the registry's owners, `query_api.scope`); another site's answers 404 and changes nothing."""
 
 from __future__ import annotations
 
@@ -16,18 +19,20 @@ from psycopg.rows import dict_row
 
 from contracts.alerting import SEVERITIES, AlertEvent
 from contracts.api import Accepted, Alert, AlertPage, Notification, NotificationPage
-from query_api.auth import OPERATORS
+from query_api.auth import OPERATORS, User
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
 from query_api.publishing import once_projected
+from query_api.scope import in_scope
 from query_api.services import Services
 from runtime import outbox
 from runtime.http import problem
 
-ALERTS_SQL = """
+ALERTS_SQL = f"""
 SELECT id, rule_id::text, device_id, site_id, severity, status, message, value, opened_at,
        cleared_at, acknowledged_at, acknowledged_by
 FROM alerts
-WHERE (%(status)s::text IS NULL OR status = %(status)s)
+WHERE {in_scope()}
+  AND (%(status)s::text IS NULL OR status = %(status)s)
   AND (%(severity)s::text IS NULL OR severity = %(severity)s)
   AND (%(device_id)s::text IS NULL OR device_id = %(device_id)s)
   AND (%(site_id)s::text IS NULL OR site_id = %(site_id)s)
@@ -36,11 +41,12 @@ ORDER BY opened_at DESC, id DESC
 LIMIT %(limit)s
 """
 
-NOTIFICATIONS_SQL = """
+NOTIFICATIONS_SQL = f"""
 SELECT id, alert_id, device_id, site_id, kind, severity, title, created_at,
        acked_at IS NOT NULL AS read, acked_at, acked_by
 FROM notifications
-WHERE (%(unread)s::bool IS NULL OR (acked_at IS NULL) = %(unread)s)
+WHERE {in_scope()}
+  AND (%(unread)s::bool IS NULL OR (acked_at IS NULL) = %(unread)s)
   AND (%(severity)s::text IS NULL OR severity = %(severity)s)
   AND (%(device_id)s::text IS NULL OR device_id = %(device_id)s)
   AND (%(site_id)s::text IS NULL OR site_id = %(site_id)s)
@@ -49,28 +55,30 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 """
 
-ALERT_SQL = """
+ALERT_SQL = f"""
 SELECT id, rule_id::text, device_id, site_id, severity, status, message, value, opened_at,
        cleared_at, acknowledged_at, acknowledged_by
-FROM alerts WHERE id = %(id)s
+FROM alerts WHERE id = %(id)s AND {in_scope()}
 """
-NOTIFICATION_SQL = """
+NOTIFICATION_SQL = f"""
 SELECT id, alert_id, device_id, site_id, kind, severity, title, created_at,
        acked_at IS NOT NULL AS read, acked_at, acked_by
-FROM notifications WHERE id = %(id)s
+FROM notifications WHERE id = %(id)s AND {in_scope()}
 """
 
 
 async def _acknowledge(
-    services: Services, ident: str, user: str, what: str
+    services: Services, ident: str, user: User, what: str
 ) -> tuple[dict[str, Any], bool]:
     """Queue the acknowledgement of an alert or notification (unless it has one); return the
-    row and whether it shows the acknowledgement yet."""
+    row and whether it shows the acknowledgement yet. 404 for one of a site outside the
+    user's sites, as for an unknown one."""
     alert = what == "alert"
     sql = ALERT_SQL if alert else NOTIFICATION_SQL
+    params = {"id": ident, "sites": user.scope}
     async with services.pool.connection() as conn:
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(sql, {"id": ident})
+        await cur.execute(sql, params)
         row = await cur.fetchone()
         if row is None:
             raise problem(404, f"Unknown {what}", f"no {what} {ident!r}")
@@ -85,12 +93,12 @@ async def _acknowledge(
             site_id=row["site_id"],
             severity=row["severity"],
             at=datetime.now(UTC),
-            by=user,
+            by=user.username,
             notification_id=None if alert else ident,
         )
         await outbox.add(conn, services.alerts_topic, row["device_id"], msgspec.json.encode(event))
     done = f"{sql} AND {'acknowledged_at' if alert else 'acked_at'} IS NOT NULL"
-    shown = await once_projected(services, done, {"id": ident})
+    shown = await once_projected(services, done, params)
     return (shown, True) if shown is not None else (row, False)
 
 
@@ -118,6 +126,7 @@ class AlertController(Controller):
     async def list_alerts(
         self,
         services: Services,
+        request: Request[Any, Any, Any],
         status: str | None = None,
         severity: Severity = None,
         device_id: str | None = None,
@@ -125,8 +134,9 @@ class AlertController(Controller):
         cursor: str | None = None,
         limit: Limit = 50,
     ) -> AlertPage:
-        """Alerts, newest first."""
+        """Alerts of the user's sites, newest first."""
         params = {
+            "sites": request.user.scope,
             "status": status,
             "severity": severity,
             "device_id": device_id,
@@ -145,7 +155,7 @@ class AlertController(Controller):
         """Acknowledge an alert: active -> active_acknowledged, cleared_unacknowledged ->
         cleared. Acking twice keeps the first acknowledgement. 200 with the acknowledged alert;
         202 when it is stored but not shown yet."""
-        row, shown = await _acknowledge(services, alert_id, request.user.username, "alert")
+        row, shown = await _acknowledge(services, alert_id, request.user, "alert")
         if not shown:
             return Response(Accepted(id=alert_id), status_code=202)
         return Response(Alert(**row))
@@ -159,6 +169,7 @@ class NotificationController(Controller):
     async def list_notifications(
         self,
         services: Services,
+        request: Request[Any, Any, Any],
         unread: bool | None = None,
         severity: Severity = None,
         device_id: str | None = None,
@@ -166,8 +177,10 @@ class NotificationController(Controller):
         cursor: str | None = None,
         limit: Limit = 50,
     ) -> NotificationPage:
-        """Notifications, newest first; `unread=true` for the ones nobody acked yet."""
+        """Notifications of the user's sites, newest first; `unread=true` for the ones nobody
+        acked yet."""
         params = {
+            "sites": request.user.scope,
             "unread": unread,
             "severity": severity,
             "device_id": device_id,
@@ -185,9 +198,7 @@ class NotificationController(Controller):
     ) -> Response[Notification | Accepted]:
         """Mark a notification read. Acking twice keeps the first ack. 200 with the read
         notification; 202 when it is stored but not shown yet."""
-        row, shown = await _acknowledge(
-            services, notification_id, request.user.username, "notification"
-        )
+        row, shown = await _acknowledge(services, notification_id, request.user, "notification")
         if not shown:
             return Response(Accepted(id=notification_id), status_code=202)
         return Response(Notification(**row))

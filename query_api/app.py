@@ -16,6 +16,7 @@ from query_api.auth import LoginThrottle, TokenIssuer, ensure_demo_users, jwt_au
 from query_api.control import ControlCommandController
 from query_api.devices import DeviceController
 from query_api.ops import readyz
+from query_api.registry import RegistryController
 from query_api.rules import AlertRuleController, publish_all_rules
 from query_api.services import Services
 from query_api.stream import stream
@@ -41,9 +42,9 @@ def _seed_users(s: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     s = settings or get_settings()
-    auth = jwt_auth(s)
-    tokens = TokenIssuer(auth)
     services = Services(s)
+    auth = jwt_auth(s, services.users)
+    tokens = TokenIssuer(auth)
     throttle = LoginThrottle(
         services.redis, s.login_max_failures, s.login_lockout_s, s.login_max_verifications
     )
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             NotificationController,
             ControlCommandController,
             AlertRuleController,
+            RegistryController,
             healthz,
             readyz,
             stream,
@@ -94,7 +96,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         cors_config=cors_config(s.public_origin),
         openapi_config=openapi_config(
             "Microgrid query API",
-            "Devices, readings, alerts, notifications, control commands and alert rules. "
+            "Devices, readings, alerts, notifications, control commands, alert rules and the"
+            " device registry. "
             "Log in with POST /api/v1/auth/login and send `Authorization: Bearer <token>`.",
         ),
     )

@@ -1,8 +1,12 @@
 """Login, access tokens, roles and the demo users.
 
-Tokens are HS256 JWTs (Litestar's JWTAuth) carrying the username and role, so a request costs
-no database read. Login attempts are counted in Redis per username and per client address
-before the password is verified (a success takes its count back); past `LOGIN_MAX_FAILURES`
+Tokens are HS256 JWTs (Litestar's JWTAuth) carrying the username and role. The role and the
+sites a request acts with are the user's current ones, from the `users` table through a
+per-process cache of 5 s (`query_api.users`): a change of role or sites, or a deleted user
+(401), takes effect within 5 s; a cache hit costs one dict lookup.
+
+Login attempts are counted in Redis per username and per client address before the password
+is verified (a success takes its count back); past `LOGIN_MAX_FAILURES`
 within `LOGIN_LOCKOUT_S` the login answers 429 with Retry-After without verifying, and at most
 `LOGIN_MAX_VERIFICATIONS` argon2 checks run at once per process (503 past a 5 s wait).
 While Redis cannot be reached the counts are kept in this process instead (logged, and counted
@@ -15,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +28,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerifyMismatchError
 from litestar import Request, post
 from litestar.connection import ASGIConnection
-from litestar.exceptions import PermissionDeniedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.security.jwt import JWTAuth, Token
@@ -34,6 +38,7 @@ from redis.exceptions import RedisError
 
 from contracts.api import LoginRequest, Role, TokenResponse
 from query_api.services import Services
+from query_api.users import User, UserDirectory
 from runtime.http import problem
 from runtime.settings import DEV_TOKEN_SECRET, Settings
 
@@ -54,17 +59,24 @@ HASHER = PasswordHasher()
 _DUMMY_HASH = HASHER.hash("not-a-real-password")
 
 
-@dataclass(frozen=True)
-class User:
-    username: str
-    role: Role
-
-
-async def _user_from_token(token: Token, connection: ASGIConnection[Any, Any, Any, Any]) -> User:
-    role = token.extras.get("role")
-    if role not in ("admin", "operator", "viewer"):
+async def current_user(users: UserDirectory, token: Token) -> User:
+    """The token's user with the role and sites the `users` table gives it now (cached 5 s);
+    401 when the user no longer exists."""
+    if token.extras.get("role") not in ROLES:
         raise PermissionDeniedException("token carries no valid role")
-    return User(username=token.sub, role=role)
+    user = await users.get(token.sub)
+    if user is None:
+        raise NotAuthorizedException("the token's user no longer exists")
+    return user
+
+
+def _user_from_token(
+    users: UserDirectory,
+) -> Callable[[Token, ASGIConnection[Any, Any, Any, Any]], Awaitable[User]]:
+    async def retrieve(token: Token, connection: ASGIConnection[Any, Any, Any, Any]) -> User:
+        return await current_user(users, token)
+
+    return retrieve
 
 
 def secret_problem(s: Settings) -> str | None:
@@ -104,11 +116,11 @@ def _password(s: Settings, role: Role) -> str:
     return str(getattr(s, f"auth_{role}_password"))
 
 
-def jwt_auth(s: Settings) -> JWTAuth[User, Token]:
+def jwt_auth(s: Settings, users: UserDirectory) -> JWTAuth[User, Token]:
     if reason := startup_problem(s):
         raise RuntimeError(reason)
     return JWTAuth[User, Token](
-        retrieve_user_handler=_user_from_token,
+        retrieve_user_handler=_user_from_token(users),
         token_secret=s.auth_token_secret,
         default_token_expiration=timedelta(seconds=s.auth_token_ttl_s),
         exclude_opt_key="public",

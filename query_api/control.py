@@ -5,6 +5,10 @@ with their history from the control read model, which only the control projectio
 A command's id is derived from the user and the `Idempotency-Key` header, and the ledger keeps
 one command per key: a retried request returns the command it created first, which executes
 once.
+
+A user scoped to sites lists, reads and sends commands for their sites' devices only (the
+registry's owners, `query_api.scope`): another site's device or command answers 404, and a
+refused command is neither recorded nor queued.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from contracts.control import DEFAULT_TTL_S, CommandRequested, command_errors
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
 from query_api.publishing import published
+from query_api.scope import in_scope, owns
 from query_api.services import Services
 from runtime import outbox
 from runtime.http import problem
@@ -49,13 +54,14 @@ ON CONFLICT DO NOTHING
 RETURNING id
 """
 # A command the controller has not taken yet (or the projection not shown): queued, as asked.
-REQUESTED_SQL = """
+REQUESTED_SQL = f"""
 SELECT id::text, device_id, command, params, 'queued' AS status, NULL AS reason, ttl_s, deadline,
        requested_by, created_at, created_at AS updated_at,
        jsonb_build_array(jsonb_build_object('status', 'queued', 'at', created_at)) AS history,
        NULL::timestamptz AS delivered_at
-FROM command_requests WHERE id = %s
+FROM command_requests WHERE id = %(id)s AND {in_scope()}
 """
+COMMAND_SQL = f"SELECT {COLUMNS} FROM control_commands WHERE id = %(id)s AND {in_scope()}"
 BY_KEY_SQL = """
 SELECT r.id::text, coalesce(c.status, 'queued') FROM command_requests r
 LEFT JOIN control_commands c USING (id)
@@ -63,7 +69,8 @@ WHERE r.requested_by = %s AND r.idempotency_key = %s
 """
 LIST_SQL = f"""
 SELECT {COLUMNS} FROM control_commands
-WHERE (%(device_id)s::text IS NULL OR device_id = %(device_id)s)
+WHERE {in_scope()}
+  AND (%(device_id)s::text IS NULL OR device_id = %(device_id)s)
   AND (%(status)s::text IS NULL OR status = %(status)s)
   AND (%(before_ts)s::timestamptz IS NULL
        OR (created_at, id::text) < (%(before_ts)s, %(before_id)s))
@@ -107,6 +114,9 @@ class ControlCommandController(Controller):
         command is stored and (usually) on its way to the controller."""
         user = request.user.username
         async with services.pool.connection() as conn:
+            # another site's device is answered as an unknown one, before anything is looked up
+            if not await owns(conn, request.user.scope, data.device_id):
+                raise problem(404, "Unknown device", f"no device {data.device_id!r} has reported")
             if idempotency_key and (seen := await _by_key(conn, user, idempotency_key)):
                 return seen
             cur = await conn.execute(
@@ -165,14 +175,16 @@ class ControlCommandController(Controller):
     async def list_commands(
         self,
         services: Services,
+        request: Request[Any, Any, Any],
         device_id: str | None = None,
         status: str | None = None,
         cursor: str | None = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = 50,
     ) -> CommandPage:
-        """Commands, newest first."""
+        """Commands for the devices of the user's sites, newest first."""
         key = decode_cursor(cursor, datetime, str)
         params = {
+            "sites": request.user.scope,
             "device_id": device_id,
             "status": status,
             "limit": limit + 1,
@@ -187,15 +199,16 @@ class ControlCommandController(Controller):
         return CommandPage(items=[_command(r) for r in rows], next_cursor=next_cursor)
 
     @get("/{command_id:uuid}")
-    async def get_command(self, services: Services, command_id: uuid.UUID) -> ControlCommand:
+    async def get_command(
+        self, services: Services, request: Request[Any, Any, Any], command_id: uuid.UUID
+    ) -> ControlCommand:
+        params = {"id": command_id, "sites": request.user.scope}
         async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(
-                f"SELECT {COLUMNS} FROM control_commands WHERE id = %s", (command_id,)
-            )
+            await cur.execute(COMMAND_SQL, params)
             row = await cur.fetchone()
             if row is None:
-                await cur.execute(REQUESTED_SQL, (command_id,))
+                await cur.execute(REQUESTED_SQL, params)
                 row = await cur.fetchone()
         if row is None:
             raise problem(404, "Unknown command", f"no command {command_id}")

@@ -1,4 +1,7 @@
-"""Devices: list with online status and latest metrics, detail, and downsampled readings."""
+"""Devices: list with online status and latest metrics, detail, and downsampled readings.
+
+A user scoped to sites sees the devices the registry gives to those sites; another site's
+device answers 404 as an unknown one does (`query_api.scope`)."""
 
 from __future__ import annotations
 
@@ -6,13 +9,14 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from litestar import Controller, get
+from litestar import Controller, Request, get
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
 from contracts import DEVICE_TYPES, METRICS
 from contracts.api import Bucket, Device, DevicePage, Metrics, ReadingSeries, Stat
 from query_api.pagination import MAX_LIMIT, decode_cursor, page_of
+from query_api.scope import in_scope, owns
 from query_api.services import Services
 from runtime.http import problem
 
@@ -21,7 +25,8 @@ SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
        d.last_seen > now() - make_interval(secs => %(offline_after)s) AS online,
        l.ts, {", ".join(f"l.{m}" for m in METRICS)}
 FROM devices d LEFT JOIN device_latest l USING (device_id)
-WHERE (%(site_id)s::text IS NULL OR d.site_id = %(site_id)s)
+WHERE {in_scope("d.device_id")}
+  AND (%(site_id)s::text IS NULL OR d.site_id = %(site_id)s)
   AND (%(device_type)s::text IS NULL OR d.device_type = %(device_type)s)
   AND (%(device_id)s::text IS NULL OR d.device_id = %(device_id)s)
   AND (%(after)s::text IS NULL OR d.device_id > %(after)s)
@@ -63,8 +68,11 @@ class DeviceController(Controller):
     path = "/api/v1/devices"
     tags = ["devices"]
 
-    async def _fetch(self, services: Services, **filters: Any) -> list[dict[str, Any]]:
+    async def _fetch(
+        self, services: Services, sites: list[str] | None, **filters: Any
+    ) -> list[dict[str, Any]]:
         params = {
+            "sites": sites,
             "site_id": None,
             "device_type": None,
             "device_id": None,
@@ -83,16 +91,19 @@ class DeviceController(Controller):
     async def list_devices(
         self,
         services: Services,
+        request: Request[Any, Any, Any],
         site_id: str | None = None,
         device_type: Annotated[str | None, Parameter(description=", ".join(DEVICE_TYPES))] = None,
         status: Annotated[str | None, Parameter(pattern="^(online|offline)$")] = None,
         cursor: str | None = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = 100,
     ) -> DevicePage:
-        """Devices in id order, with online status and their latest metrics."""
+        """Devices in id order, with online status and their latest metrics (of the user's
+        sites)."""
         after = decode_cursor(cursor, str)
         rows = await self._fetch(
             services,
+            request.user.scope,
             site_id=site_id,
             device_type=device_type,
             status=status,
@@ -103,8 +114,10 @@ class DeviceController(Controller):
         return DevicePage(items=[_device(r) for r in rows], next_cursor=next_cursor)
 
     @get("/{device_id:str}")
-    async def get_device(self, services: Services, device_id: str) -> Device:
-        rows = await self._fetch(services, device_id=device_id)
+    async def get_device(
+        self, services: Services, request: Request[Any, Any, Any], device_id: str
+    ) -> Device:
+        rows = await self._fetch(services, request.user.scope, device_id=device_id)
         if not rows:
             raise problem(404, "Unknown device", f"no device {device_id!r} has reported")
         return _device(rows[0])
@@ -113,13 +126,15 @@ class DeviceController(Controller):
     async def get_readings(
         self,
         services: Services,
+        request: Request[Any, Any, Any],
         device_id: str,
         start: Annotated[datetime | None, Parameter(query="from")] = None,
         end: Annotated[datetime | None, Parameter(query="to")] = None,
         points: Annotated[int, Parameter(ge=1, le=MAX_POINTS)] = 300,
         metrics: Annotated[str | None, Parameter(description="comma-separated")] = None,
     ) -> ReadingSeries:
-        """Readings in [from, to) as time buckets with min/avg/max per metric (default: 1 h)."""
+        """Readings in [from, to) as time buckets with min/avg/max per metric (default: 1 h).
+        404 for a device of a site outside the user's sites."""
         end = end or datetime.now(UTC)
         start = start or end - timedelta(hours=1)
         if start.tzinfo is None or end.tzinfo is None:
@@ -136,6 +151,8 @@ class DeviceController(Controller):
             )
         bucket_s = max(1, math.ceil((end - start).total_seconds() / points))
         async with services.pool.connection() as conn:
+            if not await owns(conn, request.user.scope, device_id):
+                raise problem(404, "Unknown device", f"no device {device_id!r} has reported")
             cur = await conn.execute(_series_sql(chosen), (bucket_s, start, device_id, start, end))
             rows = await cur.fetchall()
         buckets = []

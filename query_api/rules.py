@@ -1,4 +1,6 @@
-"""Alert rules: anyone reads them, admins create, replace and delete them.
+"""Alert rules: anyone reads them, admins create, replace and delete them. A user scoped to
+sites reads the global rules (no scope, or a device type) and those whose scope names one of
+their sites or one of their sites' devices; another rule answers 404.
 
 Every change is also queued in the outbox (`runtime.outbox`) in the same transaction, for the
 compacted `alert-rules` topic (keyed by rule id, a tombstone for a deletion): a stored change
@@ -15,7 +17,7 @@ from typing import Any
 
 import msgspec
 import psycopg
-from litestar import Controller, delete, get, post, put
+from litestar import Controller, Request, delete, get, post, put
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -23,6 +25,7 @@ from contracts.alerting import COMMON_FIELDS, AlertRuleSpec
 from contracts.api import AlertRulePage
 from query_api.auth import ADMINS
 from query_api.publishing import published
+from query_api.scope import in_scope
 from query_api.services import Services
 from runtime import outbox
 from runtime.http import problem
@@ -34,6 +37,11 @@ INSERT_SQL = (
     "INSERT INTO alert_rules (id, name, kind, severity, scope, enabled, params)"
     f" VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {COLUMNS}"
 )
+# A rule a user of these sites may read: global, or scoped to one of them or to their device.
+VISIBLE = f"""(%(sites)s::text[] IS NULL
+  OR (scope->>'site_id' IS NULL AND scope->>'device_id' IS NULL)
+  OR scope->>'site_id' = ANY(%(sites)s::text[])
+  OR (scope->>'device_id' IS NOT NULL AND {in_scope("scope->>'device_id'")}))"""
 UPDATE_SQL = (
     "UPDATE alert_rules SET name = %s, kind = %s, severity = %s, scope = %s, enabled = %s,"
     f" params = %s, updated_at = now() WHERE id = %s RETURNING {COLUMNS}"
@@ -97,19 +105,29 @@ class AlertRuleController(Controller):
     tags = ["alert rules"]
 
     @get()
-    async def list_rules(self, services: Services) -> AlertRulePage:
-        """Every rule, by name."""
+    async def list_rules(
+        self, services: Services, request: Request[Any, Any, Any]
+    ) -> AlertRulePage:
+        """Every rule the user may read (all, unless scoped to sites), by name."""
         async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(f"SELECT {COLUMNS} FROM alert_rules ORDER BY name, id")
+            await cur.execute(
+                f"SELECT {COLUMNS} FROM alert_rules WHERE {VISIBLE} ORDER BY name, id",
+                {"sites": request.user.scope},
+            )
             rows = await cur.fetchall()
         return AlertRulePage(items=[_rule(r) for r in rows], next_cursor=None)
 
     @get("/{rule_id:uuid}")
-    async def get_rule(self, services: Services, rule_id: uuid.UUID) -> AlertRuleSpec:
+    async def get_rule(
+        self, services: Services, request: Request[Any, Any, Any], rule_id: uuid.UUID
+    ) -> AlertRuleSpec:
         async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(f"SELECT {COLUMNS} FROM alert_rules WHERE id = %s", (rule_id,))
+            await cur.execute(
+                f"SELECT {COLUMNS} FROM alert_rules WHERE id = %(id)s AND {VISIBLE}",
+                {"id": rule_id, "sites": request.user.scope},
+            )
             row = await cur.fetchone()
         if row is None:
             raise problem(404, "Unknown alert rule", f"no rule {rule_id}")

@@ -1,7 +1,8 @@
 """What the query API's handlers use, made once per process and given to them by dependency
-injection: the database pool, Redis, the Kafka probe, the live event stream, and the outbox
-relay with its producer (started on first need: the API takes requests while the broker is
-away, and the relay publishes them when it returns)."""
+injection: the database pool, Redis, the Kafka probe, the live event stream, the outbox relay
+with its producer (started on first need: the API takes requests while the broker is away, and
+the relay publishes them when it returns), the users' roles and sites (`query_api.users`) and
+the owner site of each device (`runtime.devices.DeviceOwners`, for the live stream's filter)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from contracts import Topics
+from query_api.users import UserDirectory
+from runtime.devices import DeviceOwners
 from runtime.events import EventStream
 from runtime.kafka import KafkaProbe, RenewableProducer
 from runtime.outbox import Relay
@@ -51,9 +54,14 @@ class Services:
         self.alerts_topic = s.topic(Topics.ALERTS)
         self.relay = Relay(s, self.producer)
         self.relay_task: asyncio.Task[None] | None = None
+        self.users = UserDirectory(self.pool)
+        # Only asked, never given a site: the API looks owners up and registers nothing by it.
+        # Its entries are dropped when the registry changes (LISTEN on its own connection).
+        self.owners = DeviceOwners(self.pool, s.database_url, "admin")
 
     async def start(self) -> None:
         await self.pool.open()
+        await self.owners.start()
         self.relay_task = asyncio.create_task(self.relay.run())
 
     async def stop(self) -> None:
@@ -61,6 +69,7 @@ class Services:
             self.relay_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.relay_task
+        await self.owners.stop()
         await self.events.close()
         await self.producer.stop()
         await self.kafka_probe.close()

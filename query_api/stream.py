@@ -10,16 +10,27 @@ connections alive through proxies. When the client's token expires the stream se
 While Redis cannot be reached the stream answers 503 (problem+json, `Retry-After`), and an open
 stream ends; the projections hold the events of that time and publish them once Redis returns,
 so a client that comes back with `Last-Event-ID` receives them.
+
+A user scoped to sites receives only the events of their sites' devices: every event's data
+names its `device_id`, whose owner comes from `services.owners` (a cache of the registry,
+refreshed on a miss and dropped on a change); events of other sites, or of no registered
+device, are left out. Clients of every site are not filtered at all. The user's role and sites
+are read again (`query_api.users`, cached 5 s) at least every `RECHECK_MS`, so a change of
+sites applies to an open stream within seconds, and a deleted user's stream ends with
+`session.expired`. If an owner cannot be looked up (PostgreSQL away) the stream ends before the
+events it could not check, and a client resuming with `Last-Event-ID` gets them later.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
+import msgspec
 from litestar import Request, get
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.params import Parameter
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.response import ServerSentEvent, ServerSentEventMessage
@@ -28,12 +39,89 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from contracts import Events, Streams
+from query_api.auth import current_user
 from query_api.services import Services
+from query_api.users import User
+from runtime.devices import RegistryUnavailable
 from runtime.http import problem
 
+log = logging.getLogger("microgrid.api")
+
 HEARTBEAT_MS = 15_000  # below services.STREAM_READ_TIMEOUT_S
+RECHECK_MS = 5_000  # the longest a stream waits before it reads its user's scope again
+USER_LOOKUP_S = 1.0  # a re-read that takes longer keeps the scope known so far
+UNKNOWN_CACHE_S: Final = 5.0  # a device found in no site is asked about again after this
+MAX_UNKNOWN: Final = 10_000
 BATCH = 200
 RETRY_AFTER_S = 5
+
+
+class _Subject(msgspec.Struct):
+    """The only field of an event's data the filter reads (the others are skipped)."""
+
+    device_id: str | None = None
+
+
+_SUBJECT = msgspec.json.Decoder(_Subject)
+
+
+class _Scope:
+    """Which events one stream's user may receive, kept current while the stream is open."""
+
+    def __init__(self, services: Services, user: User) -> None:
+        self.services = services
+        self.user = user
+        self.unknown: dict[str, float] = {}  # device -> until when it counts as in no site
+
+    async def refresh(self) -> bool:
+        """Read the user's role and sites again (cached for 5 s); False if the user is gone.
+        While PostgreSQL cannot be asked the scope known so far stays (nothing can change)."""
+        try:
+            user = await self.services.users.get(self.user.username, USER_LOOKUP_S)
+        except Exception as exc:  # PoolTimeout, OperationalError: keep what is known
+            log.debug("could not read user %s again: %r", self.user.username, exc)
+            return True
+        if user is None:
+            return False
+        self.user = user
+        return True
+
+    async def keep(self, entries: list[Any]) -> list[Any]:
+        """The entries this user may see. Raises RegistryUnavailable when an owner cannot be
+        looked up."""
+        sites = self.user.sites
+        if sites is None:
+            return entries
+        cached = self.services.owners.owners
+        owner: dict[str, str | None] = {}  # of this batch's devices
+        subjects: list[str | None] = []
+        missing: set[str] = set()
+        now = time.monotonic()
+        for _, fields in entries:
+            try:
+                device = _SUBJECT.decode(fields[b"data"]).device_id
+            except (msgspec.DecodeError, KeyError):
+                device = None  # no device: no site says it is theirs
+            subjects.append(device)
+            if device is None or device in owner:
+                continue
+            site = cached.get(device)
+            if site is None and self.unknown.get(device, 0.0) < now:
+                missing.add(device)
+            owner[device] = site
+        if missing:
+            found = await self.services.owners.resolve(missing)
+            owner.update(found)
+            if len(self.unknown) > MAX_UNKNOWN:
+                self.unknown.clear()
+            for device, site in found.items():
+                if site is None:
+                    self.unknown[device] = now + UNKNOWN_CACHE_S
+        return [
+            entry
+            for entry, device in zip(entries, subjects, strict=True)
+            if device is not None and owner[device] in sites
+        ]
 
 
 def _unavailable() -> ProblemDetailsException:
@@ -67,10 +155,11 @@ def _older(a: str, b: str) -> bool:
 
 
 async def _events(
-    redis: Redis, key: str, cursor: str, notice: str | None, expires_at: float
+    redis: Redis, key: str, cursor: str, notice: str | None, expires_at: float, scope: _Scope
 ) -> AsyncIterator[ServerSentEventMessage]:
     if notice:
         yield ServerSentEventMessage(event="error", data=f'{{"reason": "{notice}"}}')
+    quiet_since = time.monotonic()  # when the client was last sent something
     while True:
         left_ms = int((expires_at - time.time()) * 1000)
         if left_ms <= 0:  # the token has expired: say so and end; the client logs in again
@@ -80,26 +169,39 @@ async def _events(
             return
         try:
             found: Any = await redis.xread(
-                {key: cursor}, count=BATCH, block=max(1, min(HEARTBEAT_MS, left_ms))
+                {key: cursor}, count=BATCH, block=max(1, min(RECHECK_MS, left_ms))
             )
             full = bool(found) and len(found[0][1]) == BATCH
             first: Any = await redis.xrange(key, count=1) if full else None
         except RedisError:  # Redis gone (or the API stopping): end; the client reconnects
             return
-        if not found:
-            yield ServerSentEventMessage(comment="keep-alive")
-            continue
-        entries = found[0][1]
+        if not await scope.refresh():  # after the read: these events meet the current scope
+            yield ServerSentEventMessage(
+                event=Events.SESSION_EXPIRED, data='{"reason": "the user no longer exists"}'
+            )
+            return
+        entries = found[0][1] if found else []
         if full and first and _older(cursor, first[0][0].decode()):
             yield ServerSentEventMessage(
                 event="error", data='{"reason": "fell behind: events were dropped"}'
             )
             return
-        for entry_id, fields in entries:
-            cursor = entry_id.decode()
+        try:
+            kept = await scope.keep(entries)
+        except RegistryUnavailable:  # unchecked events are not sent: the client resumes later
+            return
+        if entries:
+            cursor = entries[-1][0].decode()  # the ones left out are passed over too
+        for entry_id, fields in kept:
             yield ServerSentEventMessage(
-                id=cursor, event=fields[b"event"].decode(), data=fields[b"data"].decode()
+                id=entry_id.decode(), event=fields[b"event"].decode(), data=fields[b"data"].decode()
             )
+        now = time.monotonic()
+        if kept:
+            quiet_since = now
+        elif (now - quiet_since) * 1000 >= HEARTBEAT_MS:
+            yield ServerSentEventMessage(comment="keep-alive")
+            quiet_since = now
 
 
 @get("/api/v1/stream", opt={"public": True}, tags=["stream"])
@@ -109,9 +211,14 @@ async def stream(
     access_token: Annotated[str | None, Parameter(description="for EventSource clients")] = None,
     last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
 ) -> ServerSentEvent:
-    """alert.*, notification.*, control.updated and device.latest events, as they happen;
-    session.expired, then the end of the stream, when the token expires."""
+    """alert.*, notification.*, control.updated and device.latest events, as they happen (of
+    the user's sites' devices); session.expired, then the end of the stream, when the token
+    expires or the user is deleted."""
     token = _authenticate(request, services, access_token)
+    try:
+        user = await current_user(services.users, token)
+    except (NotAuthorizedException, PermissionDeniedException) as exc:
+        raise problem(exc.status_code, "Invalid token", str(exc.detail)) from exc
     key = services.settings.topic(Streams.EVENTS)
     redis = services.stream_redis
     notice = None
@@ -132,4 +239,5 @@ async def stream(
             cursor = last[0][0].decode() if last else "0-0"
     except RedisError as exc:
         raise _unavailable() from exc
-    return ServerSentEvent(_events(redis, key, cursor, notice, token.exp.timestamp()))
+    scope = _Scope(services, user)
+    return ServerSentEvent(_events(redis, key, cursor, notice, token.exp.timestamp(), scope))
