@@ -207,7 +207,7 @@ def test_a_user_set_by_the_cli_logs_in_with_its_role(platform: Components) -> No
         "set", name, "--role", "operator", "--password-stdin", stdin="first-password-1\n"
     )
     assert made.returncode == 0, made.stderr
-    assert f"created {name} (operator)" in made.stderr
+    assert f"created {name} (operator, every site)" in made.stderr
     r = login("first-password-1")
     assert r.status_code == 200, r.text
     assert r.json()["role"] == "operator"
@@ -216,7 +216,7 @@ def test_a_user_set_by_the_cli_logs_in_with_its_role(platform: Components) -> No
         "set", name, "--role", "viewer", "--password-stdin", stdin="second-password-2\n"
     )
     assert changed.returncode == 0, changed.stderr
-    assert f"updated {name} (viewer)" in changed.stderr
+    assert f"updated {name} (viewer, every site)" in changed.stderr
     assert login("first-password-1").status_code == 401
     again = login("second-password-2")
     assert again.status_code == 200, again.text
@@ -229,3 +229,39 @@ def test_a_user_set_by_the_cli_logs_in_with_its_role(platform: Components) -> No
     )
     assert bad_role.returncode != 0 and "unknown role" in bad_role.stderr
     assert login("second-password-2").json()["role"] == "viewer"  # refused changes changed nothing
+
+    scoped = users_cli(
+        "set",
+        name,
+        "--role",
+        "viewer",
+        "--sites",
+        "site-y, site-x",
+        "--password-stdin",
+        stdin="second-password-2\n",
+    )
+    assert scoped.returncode == 0, scoped.stderr
+    assert f"updated {name} (viewer, sites site-x, site-y)" in scoped.stderr
+    kept = users_cli("set", name, "--role", "operator", "--password-stdin", stdin="third-pass-3\n")
+    assert f"updated {name} (operator, sites site-x, site-y)" in kept.stderr  # sites kept
+    admin_scoped = users_cli(
+        "set",
+        name,
+        "--role",
+        "admin",
+        "--sites",
+        "site-x",
+        "--password-stdin",
+        stdin="third-pass-3\n",
+    )
+    assert admin_scoped.returncode != 0 and "admin sees every site" in admin_scoped.stderr
+    everywhere = users_cli(
+        "set",
+        name,
+        "--role",
+        "operator",
+        "--all-sites",
+        "--password-stdin",
+        stdin="third-pass-3\n",
+    )
+    assert f"updated {name} (operator, every site)" in everywhere.stderr
