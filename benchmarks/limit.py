@@ -43,14 +43,14 @@ async def kafka_roundtrip_per_min(s: Settings, p: Profile, seconds: float) -> fl
     }
     value = msgspec.json.encode({"readings": [reading] * per_record})
     topic = f"{s.kafka_namespace}bench.limit.{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**s.kafka_client)
     await admin.start()
     await admin.create_topics([NewTopic(topic, s.device_topic_partitions, 1)])
     await _leaders_elected(admin, topic)
     producer = reliable_producer(s, client_id="bench-limit")
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=s.kafka_bootstrap_servers,
+        **s.kafka_client,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )

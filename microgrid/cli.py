@@ -30,6 +30,8 @@ app.add_typer(keys_app, name="keys")
 users_app = typer.Typer(no_args_is_help=True, help="Users of the query API.")
 app.add_typer(users_app, name="users")
 app.add_typer(contracts_app, name="contracts")
+kafka_app = typer.Typer(no_args_is_help=True, help="The broker's topics, principals and ACLs.")
+app.add_typer(kafka_app, name="kafka")
 devices_app = typer.Typer(
     no_args_is_help=True, help="The device registry: which site owns a device."
 )
@@ -129,7 +131,8 @@ def _supervise(names: list[str]) -> None:
     if reason := s.environment_problem:
         _fail(f"refusing to run the platform: {reason}")
     configure_logging("supervisor", s.log_level)
-    _ensure_topics(s)
+    if s.kafka_password:  # the admin's credentials: topics and ACLs are made sure of here
+        _ensure_topics(s)
     raise typer.Exit(Supervisor(names).run())
 
 
@@ -137,11 +140,14 @@ def _ensure_topics(s: Settings) -> list[str]:
     from aiokafka.errors import KafkaError
 
     from runtime.kafka import ensure_topics
+    from runtime.kafka_access import AccessError, ensure_access
 
     try:
-        return asyncio.run(ensure_topics(s))
-    except KafkaError as exc:
+        created = asyncio.run(ensure_topics(s))
+        ensure_access(s)
+    except (KafkaError, AccessError) as exc:
         _fail(f"Kafka at {s.kafka_bootstrap_servers} is not usable ({exc!r}); is the stack up?")
+    return created
 
 
 @app.command()
@@ -166,6 +172,36 @@ def dev() -> None:
         )
     )
     _supervise([*COMPONENTS, "simulator"])
+
+
+@kafka_app.command("setup")
+def kafka_setup(
+    credentials: Annotated[
+        bool,
+        typer.Option(
+            "--credentials/--no-credentials",
+            help="also create or update the components' SCRAM credentials (off where the"
+            " broker's own tools make users, e.g. Redpanda's rpk)",
+        ),
+    ] = True,
+) -> None:
+    """Create the topics, the components' principals (microgrid-<component>, passwords from
+    KAFKA_<COMPONENT>_PASSWORD) and their ACLs, as the admin (KAFKA_USERNAME,
+    KAFKA_PASSWORD). Idempotent; `stack up` and `run` do it on the local stack."""
+    from aiokafka.errors import KafkaError
+
+    from runtime.kafka import ensure_topics
+    from runtime.kafka_access import AccessError, ensure_access
+
+    s = get_settings()
+    try:
+        created = asyncio.run(ensure_topics(s))
+        ensure_access(s, credentials=credentials)
+    except (KafkaError, AccessError) as exc:
+        _fail(f"Kafka at {s.kafka_bootstrap_servers} refused the setup: {exc!r}")
+    if created:
+        typer.echo(f"topics created: {', '.join(created)}")
+    typer.echo("principals and ACLs are set" if credentials else "ACLs are set")
 
 
 @keys_app.command("create")

@@ -18,7 +18,7 @@ from typing import Any
 import uvloop
 
 from runtime.logs import configure_logging
-from runtime.settings import Settings, get_settings, require_environment
+from runtime.settings import DEV_KAFKA_PASSWORDS, Settings, get_settings, require_environment
 
 
 def _serve_http(target: str, host: str, port: int, workers: int) -> None:
@@ -190,9 +190,29 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def as_service(name: str) -> Settings:
+    """The settings of component `name`, connecting to Kafka as its own principal. Set in the
+    environment too, so uvicorn's workers (fresh interpreters) connect as it as well."""
+    s = get_settings()
+    username, password = s.service_credentials(name)
+    variable = f"KAFKA_{name.upper()}_PASSWORD"
+    if not password:
+        sys.stderr.write(f"{name}: refusing to start: {variable} is not set\n")
+        sys.exit(2)
+    if s.environment.strip() and not s.is_dev and password == DEV_KAFKA_PASSWORDS[name]:
+        sys.stderr.write(
+            f"{name}: refusing to start: {variable} is the repository's development password;"
+            f" outside dev (ENVIRONMENT={s.environment}) set your own\n"
+        )
+        sys.exit(2)
+    os.environ["KAFKA_USERNAME"], os.environ["KAFKA_PASSWORD"] = username, password
+    get_settings.cache_clear()
+    return get_settings()
+
+
 def main(argv: list[str]) -> None:
     name = argv[1]
-    s = get_settings()
+    s = as_service(name)
     if reason := s.environment_problem:
         sys.stderr.write(f"{name}: refusing to start: {reason}\n")
         sys.exit(2)

@@ -127,11 +127,23 @@ class Kafka:
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{ctl}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{ctl}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    # clients: SASL/SCRAM only; the KRaft controller listener stays on
+                    # loopback without SASL (SCRAM cannot serve it), its peers ANONYMOUS
+                    f"listeners=SASL_PLAINTEXT://127.0.0.1:{self.port},"
+                    f"CONTROLLER://127.0.0.1:{ctl}",
+                    f"advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{self.port}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map="
+                    "CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+                    "inter.broker.listener.name=SASL_PLAINTEXT",
+                    "sasl.enabled.mechanisms=SCRAM-SHA-512",
+                    "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
+                    "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config="
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required"
+                    f' username="{self.s.kafka_username}" password="{self.s.kafka_password}";',
+                    "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                    "allow.everyone.if.no.acl.found=false",
+                    f"super.users=User:{self.s.kafka_username};User:ANONYMOUS",
                     f"log.dirs={self.data}",
                     f"num.partitions={self.s.device_topic_partitions}",
                     "auto.create.topics.enable=false",
@@ -184,18 +196,35 @@ class Kafka:
     def up(self) -> None:
         if _read_pid(self.pidfile) and port_open(self.port):
             return
-        if port_open(self.port):
-            return  # something already serves Kafka on this port: use it
+        if port_open(self.port):  # something already serves Kafka on this port: use it if
+            self._check_credentials()  # it takes our credentials
+            return
         self._check_prerequisites()
+        if self.data.exists() and not self.sasl_marker.exists():
+            # formatted before brokers authenticated: its admin has no SCRAM credentials, and
+            # nothing without them may connect any more
+            print(f"reformatting the local broker with SASL/SCRAM: removing {self.data}")
+            shutil.rmtree(self.data)
         self.data.mkdir(parents=True, exist_ok=True)
         cfg = self._write_config()
         if not (self.data / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            admin = f"SCRAM-SHA-512=[name={self.s.kafka_username},password={self.s.kafka_password}]"
             subprocess.run(
-                self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)),
+                self._java(
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(cfg),
+                    "--add-scram",
+                    admin,
+                ),
                 check=True,
                 capture_output=True,
             )
+            self.sasl_marker.touch()
         with self.log.open("ab") as out:
             proc = subprocess.Popen(
                 self._java("kafka.Kafka", str(cfg)),
@@ -212,6 +241,25 @@ class Kafka:
         if pid:
             _stop_pid(pid)
         self.pidfile.unlink(missing_ok=True)
+
+    @property
+    def sasl_marker(self) -> Path:
+        return self.home / "sasl-formatted"
+
+    def _check_credentials(self) -> None:
+        """A broker this stack did not start is used only if it accepts our credentials."""
+        from confluent_kafka import KafkaException
+
+        from runtime.kafka_access import admin_client
+
+        try:
+            admin_client(self.s).list_topics(timeout=10)
+        except KafkaException as exc:
+            raise StackError(
+                f"a broker on port {self.port} that this stack did not start does not accept"
+                f" the credentials of KAFKA_USERNAME ({self.s.kafka_username!r}): {exc}."
+                " Stop it, or set KAFKA_USERNAME and KAFKA_PASSWORD to an admin's"
+            ) from exc
 
 
 def _pg_bindir() -> Path:

@@ -60,7 +60,7 @@ class Projection(Generic[T]):
         self.group = group
         self.max_records = max_records
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+            **s.kafka_client,
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

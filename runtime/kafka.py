@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from faststream.security import SASLScram512
 
 from contracts import Topics
 from runtime.settings import Settings
@@ -62,7 +63,7 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
 async def ensure_topics(s: Settings, timeout_s: float = 15.0) -> list[str]:
     """Create missing topics and bring existing ones to the configs of `topic_specs`; return
     the names created. Partition counts of existing topics are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**s.kafka_client)
     deadline = asyncio.get_running_loop().time() + timeout_s
     aiokafka_log = logging.getLogger("aiokafka")
     level = aiokafka_log.level
@@ -145,7 +146,7 @@ async def _reconcile_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec])
 
 
 async def delete_topics(s: Settings, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**s.kafka_client)
     await admin.start()
     try:
         await admin.delete_topics(names)
@@ -163,9 +164,7 @@ class KafkaProbe:
     async def __call__(self) -> None:
         try:
             if self.admin is None:
-                self.admin = AIOKafkaAdminClient(
-                    bootstrap_servers=self.s.kafka_bootstrap_servers, request_timeout_ms=2000
-                )
+                self.admin = AIOKafkaAdminClient(**self.s.kafka_client, request_timeout_ms=2000)
                 await self.admin.start()
             await self.admin.describe_cluster()
         except BaseException:
@@ -249,9 +248,7 @@ async def read_table(
     """The latest record of each key now in these compacted partitions, by (partition, key);
     deleted keys (tombstones) are left out. The event loop runs between fetches, so a long
     read does not starve the consumer group's heartbeats."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap_servers, enable_auto_commit=False
-    )
+    consumer = AIOKafkaConsumer(**s.kafka_client, enable_auto_commit=False)
     await consumer.start()
     try:
         consumer.assign(partitions)
@@ -280,10 +277,15 @@ async def read_table(
         await consumer.stop()
 
 
+def broker_security(s: Settings) -> SASLScram512:
+    """FastStream's form of `Settings.kafka_client`'s authentication."""
+    return SASLScram512(s.kafka_username, s.kafka_password)
+
+
 def reliable_producer(s: Settings, **overrides: object) -> AIOKafkaProducer:
     """Producer for data we answer for: acks=all, idempotent, batched with a short linger."""
     options: dict[str, object] = {
-        "bootstrap_servers": s.kafka_bootstrap_servers,
+        **s.kafka_client,
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": s.producer_linger_ms,

@@ -96,8 +96,8 @@ def serve_metrics(
 
 async def report_lag(s: Settings, group: str, topic: str, interval_s: float = 5.0) -> None:
     """Refresh the lag gauge of (group, topic) until cancelled."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
-    ends = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap_servers, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(**s.kafka_client)
+    ends = AIOKafkaConsumer(**s.kafka_client, enable_auto_commit=False)
     await admin.start()
     await ends.start()
     try:

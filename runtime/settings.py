@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEV_TOKEN_SECRET = "dev-only-token-secret-do-not-use-in-production"
+# Development credentials of the local broker's principals (in the repository: dev only).
+SERVICE_PRINCIPALS = (
+    "gateway", "validator", "alerter", "controller", "projector", "api", "simulator",
+)  # fmt: skip
+DEV_KAFKA_PASSWORDS = {
+    name: f"{name}-kafka-dev-password" for name in ("admin", *SERVICE_PRINCIPALS)
+}
 
 
 class Settings(BaseSettings):
@@ -24,6 +31,22 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     database_url: str = "postgresql://microgrid:microgrid@127.0.0.1:5432/microgrid"
     redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Kafka authentication (SASL/SCRAM-SHA-512). KAFKA_USERNAME/KAFKA_PASSWORD name the
+    # principal of tools (CLI, benchmark, tests) and, on the local stack, the broker's admin
+    # (a super user). Each platform component connects as its own principal,
+    # `microgrid-<component>`, with the password KAFKA_<COMPONENT>_PASSWORD and only the
+    # topics and groups it needs (ACLs).
+    kafka_username: str = "admin"
+    kafka_principal_prefix: str = "microgrid-"  # components' principals: <prefix><component>
+    kafka_password: str = DEV_KAFKA_PASSWORDS["admin"]
+    kafka_gateway_password: str = DEV_KAFKA_PASSWORDS["gateway"]
+    kafka_validator_password: str = DEV_KAFKA_PASSWORDS["validator"]
+    kafka_alerter_password: str = DEV_KAFKA_PASSWORDS["alerter"]
+    kafka_controller_password: str = DEV_KAFKA_PASSWORDS["controller"]
+    kafka_projector_password: str = DEV_KAFKA_PASSWORDS["projector"]
+    kafka_api_password: str = DEV_KAFKA_PASSWORDS["api"]
+    kafka_simulator_password: str = DEV_KAFKA_PASSWORDS["simulator"]
 
     # Kafka layout
     kafka_namespace: str = Field("", description="prefix for topic names and group ids")
@@ -145,6 +168,27 @@ class Settings(BaseSettings):
 
     def group(self, name: str) -> str:
         return f"{self.kafka_namespace}{name}"
+
+    @property
+    def kafka_client(self) -> dict[str, Any]:
+        """Connection and authentication arguments of every aiokafka client."""
+        return {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": self.kafka_username,
+            "sasl_plain_password": self.kafka_password,
+        }
+
+    def service_credentials(self, component: str) -> tuple[str, str]:
+        """The Kafka principal and password a platform component connects with."""
+        password = str(getattr(self, f"kafka_{component}_password"))
+        return f"{self.kafka_principal_prefix}{component}", password
+
+    def as_service(self, component: str) -> Settings:
+        """These settings, connecting to Kafka as `component`'s principal."""
+        username, password = self.service_credentials(component)
+        return self.model_copy(update={"kafka_username": username, "kafka_password": password})
 
     @property
     def kafka_port(self) -> int:

@@ -168,7 +168,7 @@ async def serve_commands(
     def make_consumer() -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
             s.topic(Topics.CONTROL_DISPATCH),
-            bootstrap_servers=s.kafka_bootstrap_servers,
+            **s.kafka_client,
             group_id=group,
             client_id="microgrid-simulator",
             auto_offset_reset="latest",

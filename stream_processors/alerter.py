@@ -26,6 +26,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Headers, ReadingBatch, Topics
 from contracts.alerting import AlertEvent, AlertRuleSpec
+from runtime.kafka import broker_security
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
 from stream_processors.alerting import (
@@ -87,9 +88,7 @@ class Alerter:
     async def follow_rules(self) -> None:
         """Read every rule, say so, then keep applying changes as they come."""
         tp = TopicPartition(self.s.topic(Topics.ALERT_RULES), 0)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.s.kafka_bootstrap_servers, enable_auto_commit=False
-        )
+        consumer = AIOKafkaConsumer(**self.s.kafka_client, enable_auto_commit=False)
         await consumer.start()
         try:
             consumer.assign([tp])
@@ -192,7 +191,10 @@ class Alerter:
 
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
-        s.kafka_bootstrap_servers, client_id="microgrid-alerter", log_level=logging.DEBUG
+        s.kafka_bootstrap_servers,
+        security=broker_security(s),
+        client_id="microgrid-alerter",
+        log_level=logging.DEBUG,
     )
     alerter = Alerter(s)
 

@@ -26,6 +26,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Headers, Topics
 from contracts.control import CommandRequested, CommandResult
+from runtime.kafka import broker_security
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
 from stream_processors.keyed_state import KeyedState, Output, StatefulShell, Unprocessable
@@ -153,7 +154,10 @@ class Controller:
 
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
-        s.kafka_bootstrap_servers, client_id="microgrid-controller", log_level=logging.DEBUG
+        s.kafka_bootstrap_servers,
+        security=broker_security(s),
+        client_id="microgrid-controller",
+        log_level=logging.DEBUG,
     )
     controller = Controller(s)
 

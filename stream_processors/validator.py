@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from contracts import Groups, Headers, TimeWindow, Topics
 from runtime.devices import DeviceOwners, RegistryUnavailable
 from runtime.dlq import dlq_headers
-from runtime.kafka import RenewableProducer
+from runtime.kafka import RenewableProducer, broker_security
 from runtime.metrics import RECORDS, report_lag, serve_metrics
 from runtime.settings import Settings
 from stream_processors.partitions import REDELIVERED_BATCHES
@@ -156,6 +156,7 @@ REGISTRY_RETRY_S = 1.0
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
         s.kafka_bootstrap_servers,
+        security=broker_security(s),
         client_id="microgrid-validator",
         log_level=logging.DEBUG,  # per-batch "Received/Processed" lines only in debug
     )

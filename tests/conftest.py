@@ -22,6 +22,7 @@ import pytest
 
 from runtime.db import migrate
 from runtime.kafka import delete_topics, ensure_topics, topic_specs
+from runtime.kafka_access import ensure_access, remove_access
 from runtime.keys import create_key
 from runtime.settings import PROJECT_ROOT, Settings
 
@@ -81,8 +82,10 @@ def stack(base_settings: Settings) -> Iterator[Settings]:
     s = Settings()
     migrate(s)
     asyncio.run(ensure_topics(s))
+    ensure_access(s)
     yield s
     asyncio.run(delete_topics(s, [t.name for t in topic_specs(s)]))
+    remove_access(s)
     with psycopg.connect(base_settings.database_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{test_db}" WITH (FORCE)')
 

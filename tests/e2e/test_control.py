@@ -213,11 +213,11 @@ def test_kafka_device_consumes_dispatch_and_replies_on_results(
     async def act_as_device(ready: threading.Event, seen: list[CommandDispatch]) -> None:
         consumer = AIOKafkaConsumer(
             stack.topic(Topics.CONTROL_DISPATCH),
-            bootstrap_servers=stack.kafka_bootstrap_servers,
+            **stack.kafka_client,
             group_id=f"test-device-{uuid.uuid4().hex[:6]}",
             auto_offset_reset="latest",
         )
-        producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(**stack.kafka_client, acks="all")
         await consumer.start()
         await producer.start()
         while not consumer.assignment():  # noqa: ASYNC110 (no event to wait on)

@@ -19,9 +19,7 @@ from tests.support import new_device, reading, stored_count
 
 
 async def produce(s: Settings, records: Sequence[tuple[bytes | None, bytes]]) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap_servers, acks="all", enable_idempotence=True
-    )
+    producer = AIOKafkaProducer(**s.kafka_client, acks="all", enable_idempotence=True)
     await producer.start()
     try:
         futures = [
@@ -38,7 +36,7 @@ async def dead_letters(
 ) -> list[ConsumerRecord[bytes, bytes]]:
     consumer = AIOKafkaConsumer(
         s.topic(Topics.TELEMETRY_DLQ),
-        bootstrap_servers=s.kafka_bootstrap_servers,
+        **s.kafka_client,
         auto_offset_reset="earliest",
         group_id=f"test-dlq-{uuid.uuid4().hex[:6]}",
     )
@@ -172,7 +170,7 @@ def test_records_re_emitted_by_a_restarted_validator_are_stored_once(
         return msgspec.json.encode({"readings": [reading(device, "site-r", seq=q) for q in seqs]})
 
     async def emit() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(**stack.kafka_client, acks="all")
         await producer.start()
         try:
             # 5 and 6 again, as after a crash before commit; 8 marks the end
@@ -201,7 +199,7 @@ def test_undecodable_record_on_the_valid_topic_does_not_stop_the_projection(
     device = new_device()
 
     async def emit() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(**stack.kafka_client, acks="all")
         await producer.start()
         try:
             topic = stack.topic(Topics.TELEMETRY_VALID)

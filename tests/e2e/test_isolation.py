@@ -33,7 +33,7 @@ Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 async def _produce(s: Settings, topic: str, records: list[tuple[str, bytes]]) -> list[int]:
-    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap_servers, acks="all")
+    producer = AIOKafkaProducer(**s.kafka_client, acks="all")
     await producer.start()
     try:
         sent = [await producer.send(topic, value, key=key.encode()) for key, value in records]
@@ -52,7 +52,7 @@ def header(rec: Record, name: str) -> str | None:
 
 
 async def _read_all(s: Settings, topic: str) -> list[Record]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap_servers)
+    consumer = AIOKafkaConsumer(**s.kafka_client)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(s.device_topic_partitions)]
@@ -317,7 +317,7 @@ async def _rebuild(s: Settings, until: Callable[[], bool]) -> None:
 
 def _ends(s: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
     async def ends() -> dict[tuple[str, int], int]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap_servers)
+        consumer = AIOKafkaConsumer(**s.kafka_client)
         await consumer.start()
         try:
             tps = [TopicPartition(t, p) for t in topics for p in range(s.device_topic_partitions)]

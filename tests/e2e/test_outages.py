@@ -19,6 +19,7 @@ import pytest
 
 from runtime.db import migrate
 from runtime.kafka import delete_topics, ensure_topics, topic_specs
+from runtime.kafka_access import ensure_access, remove_access
 from runtime.keys import create_key
 from runtime.settings import Settings
 from tests.conftest import RUN_ID, Components, free_port, wait_for
@@ -35,8 +36,10 @@ def namespace(stack: Settings) -> Iterator[Settings]:
     """Topics of their own, so these components share no consumer group with the platform's."""
     s = stack.model_copy(update={"kafka_namespace": f"test-{RUN_ID}-outages."})
     asyncio.run(ensure_topics(s))
+    ensure_access(s)  # the components' ACLs in this namespace
     yield s
     asyncio.run(delete_topics(s, [t.name for t in topic_specs(s)]))
+    remove_access(s)
 
 
 @pytest.fixture(scope="module")

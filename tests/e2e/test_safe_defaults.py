@@ -14,10 +14,31 @@ import httpx
 import psycopg
 import pytest
 
+from runtime.kafka_access import ensure_access, remove_access
 from runtime.settings import DEV_TOKEN_SECRET
 from tests.conftest import Components, free_port
 
 PRIVATE_SECRET = "a-private-token-secret-of-forty-characters!"
+PRIVATE_KAFKA_PASSWORD = "a-private-kafka-password"
+
+
+def test_a_production_component_refuses_the_repository_kafka_password(tmp_path: Path) -> None:
+    done = run(
+        [sys.executable, "-m", "microgrid.components", "validator"],
+        tmp_path,
+        ENVIRONMENT="production",
+        KAFKA_VALIDATOR_PASSWORD=None,  # the repository's development default
+    )
+    assert done.returncode == 2
+    assert "KAFKA_VALIDATOR_PASSWORD is the repository's development password" in done.stderr
+    empty = run(
+        [sys.executable, "-m", "microgrid.components", "validator"],
+        tmp_path,
+        ENVIRONMENT="production",
+        KAFKA_VALIDATOR_PASSWORD="",
+    )
+    assert empty.returncode == 2
+    assert "KAFKA_VALIDATOR_PASSWORD is not set" in empty.stderr
 
 
 def run(args: list[str], cwd: Path, **env: str | None) -> subprocess.CompletedProcess[str]:
@@ -74,6 +95,7 @@ def test_production_api_refuses_repository_secrets(
         tmp_path,
         ENVIRONMENT="production",
         API_PORT=str(free_port()),
+        KAFKA_API_PASSWORD=PRIVATE_KAFKA_PASSWORD,
         **env,
     )
     assert done.returncode != 0
@@ -87,11 +109,21 @@ def test_production_api_starts_with_its_own_secrets_and_creates_no_demo_user(
     tag = uuid.uuid4().hex[:8]
     names = {role: f"prod-{role}-{tag}" for role in ("admin", "operator", "viewer")}
     port = free_port()
+    # principals of its own with a private password (the session's keep the development ones)
+    own = platform.s.model_copy(
+        update={
+            "kafka_principal_prefix": f"prod-{tag}-",
+            "kafka_api_password": PRIVATE_KAFKA_PASSWORD,
+        }
+    )
+    ensure_access(own)
     platform.start(
         "api",
         alias="api-production",
         API_PORT=str(port),
         ENVIRONMENT="production",
+        KAFKA_PRINCIPAL_PREFIX=own.kafka_principal_prefix,
+        KAFKA_API_PASSWORD=PRIVATE_KAFKA_PASSWORD,
         AUTH_TOKEN_SECRET=PRIVATE_SECRET,
         AUTH_ADMIN_USERNAME=names["admin"],
         AUTH_ADMIN_PASSWORD=f"own-{uuid.uuid4().hex}",
@@ -115,3 +147,4 @@ def test_production_api_starts_with_its_own_secrets_and_creates_no_demo_user(
         assert r.status_code == 401
     finally:
         platform.stop("api-production")
+        remove_access(own)

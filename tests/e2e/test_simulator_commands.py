@@ -51,9 +51,7 @@ def dispatch(device_id: str, command: str, params: dict[str, Any], ttl_s: float 
 
 
 async def send(s: Settings, *dispatches: CommandDispatch) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap_servers, acks="all", enable_idempotence=True
-    )
+    producer = AIOKafkaProducer(**s.kafka_client, acks="all", enable_idempotence=True)
     await producer.start()
     try:
         for d in dispatches:
@@ -71,7 +69,7 @@ async def results(
     little longer, so that unexpected ones show too)."""
     consumer = AIOKafkaConsumer(
         s.topic(Topics.CONTROL_RESULTS),
-        bootstrap_servers=s.kafka_bootstrap_servers,
+        **s.kafka_client,
         auto_offset_reset="earliest",
         group_id=f"test-results-{uuid.uuid4().hex[:6]}",
     )

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faststream.kafka import KafkaBroker, KafkaMessage
 
-from runtime.kafka import delete_topics
+from runtime.kafka import broker_security, delete_topics
 from runtime.settings import Settings
 from stream_processors.partitions import REDELIVERED_BATCHES
 
@@ -35,13 +35,13 @@ def test_a_failed_batch_spanning_several_partitions_is_redelivered_for_each(
     produced = {(p, i) for p in range(PARTITIONS) for i in range(PER_PARTITION)}
 
     async def scenario() -> tuple[set[int], set[tuple[int, int]], dict[int, int]]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+        admin = AIOKafkaAdminClient(**s.kafka_client)
         await admin.start()
         try:
             await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
         finally:
             await admin.close()
-        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(**s.kafka_client, acks="all")
         await producer.start()
         try:
             for p, i in sorted(produced):
@@ -52,7 +52,9 @@ def test_a_failed_batch_spanning_several_partitions_is_redelivered_for_each(
 
         failed_partitions: set[int] = set()
         processed: set[tuple[int, int]] = set()
-        broker = KafkaBroker(s.kafka_bootstrap_servers, log_level=logging.DEBUG)
+        broker = KafkaBroker(
+            s.kafka_bootstrap_servers, security=broker_security(s), log_level=logging.DEBUG
+        )
 
         @broker.subscriber(  # as the validator, alerter and controller subscribe
             topic,
@@ -78,7 +80,7 @@ def test_a_failed_batch_spanning_several_partitions_is_redelivered_for_each(
             committed: dict[int, int] = {}
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 60
-            admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+            admin = AIOKafkaAdminClient(**s.kafka_client)
             await admin.start()
             try:
                 while loop.time() < deadline:

@@ -18,7 +18,7 @@ from runtime.settings import Settings
 async def _topic_config(s: Settings, topic: str) -> dict[str, str]:
     """The topic's configs, once the broker describes them (a topic just created may still
     be unknown to the broker's metadata for a moment: error code 3, no entries)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    admin = AIOKafkaAdminClient(**s.kafka_client)
     await admin.start()
     try:
         deadline = time.monotonic() + 15
@@ -41,7 +41,7 @@ def test_an_existing_changelog_gets_small_segments_and_an_eager_cleaner(stack: S
     state = s.topic(Topics.ALERTER_STATE)
 
     async def scenario() -> dict[str, str]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+        admin = AIOKafkaAdminClient(**s.kafka_client)
         await admin.start()
         try:
             await admin.create_topics(
@@ -77,11 +77,11 @@ def test_read_table_gives_the_latest_value_of_each_key_without_deleted_keys(
     topic = f"table-{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> dict[tuple[int, bytes], bytes]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap_servers)
+        admin = AIOKafkaAdminClient(**stack.kafka_client)
         await admin.start()
         await admin.create_topics([NewTopic(topic, 2, 1)])
         await admin.close()
-        producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap_servers)
+        producer = AIOKafkaProducer(**stack.kafka_client)
         await producer.start()
         try:
             for partition, key, value in [

@@ -28,9 +28,7 @@ def record(topic: str, offset: int, key: str, value: Any) -> ConsumerRecord[byte
 
 async def records_of(s: Settings, topic: str, until: Any, timeout_s: float = 20.0) -> list[Any]:
     """The records of `topic` from its beginning, read until `until(records)` holds."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=s.kafka_bootstrap_servers, auto_offset_reset="earliest"
-    )
+    consumer = AIOKafkaConsumer(topic, **s.kafka_client, auto_offset_reset="earliest")
     await consumer.start()
     got: list[Any] = []
     try:

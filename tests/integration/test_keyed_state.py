@@ -56,7 +56,7 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
         return [Output(out, rec.key or b"", value)]
 
     async def scenario() -> tuple[bool, list[bytes], dict[str, int], dict[str, int]]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+        admin = AIOKafkaAdminClient(**s.kafka_client)
         await admin.start()
         try:
             await admin.create_topics([NewTopic(t, 2, 1) for t in (out, changelog, dlq)])
@@ -87,9 +87,7 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
         finally:
             await shell.producer.stop()
             await shell.dead_letters.close()
-        consumer = AIOKafkaConsumer(
-            out, bootstrap_servers=s.kafka_bootstrap_servers, auto_offset_reset="earliest"
-        )
+        consumer = AIOKafkaConsumer(out, **s.kafka_client, auto_offset_reset="earliest")
         await consumer.start()
         try:
             got = await consumer.getmany(timeout_ms=5000)
@@ -151,9 +149,7 @@ def readings(device: str, *values: tuple[int, float]) -> bytes:
 async def read_all(s: Settings, topic: str, at_least: int, timeout_s: float = 15.0) -> list[Any]:
     """The records of `topic` from its beginning, once there are `at_least` (or the time is
     up), and anything that follows them within half a second."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=s.kafka_bootstrap_servers, auto_offset_reset="earliest"
-    )
+    consumer = AIOKafkaConsumer(topic, **s.kafka_client, auto_offset_reset="earliest")
     await consumer.start()
     got: list[Any] = []
     try:
@@ -313,7 +309,7 @@ def test_a_failed_restore_is_retried_and_the_partition_becomes_ready(stack: Sett
         return [Output(out, rec.key or b"", str(current.n).encode())]
 
     async def scenario() -> tuple[tuple[int, Any], tuple[int, Any], float, int | None]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+        admin = AIOKafkaAdminClient(**s.kafka_client)
         await admin.start()
         try:
             await admin.create_topics([NewTopic(out, 1, 1)])
@@ -340,7 +336,7 @@ def test_a_failed_restore_is_retried_and_the_partition_becomes_ready(stack: Sett
             # a batch of the partition waits for its state meanwhile
             waiting = asyncio.create_task(shell.process((record(out, 0, 0, "k", b""),), step))
             await admin.create_topics([NewTopic(changelog, 1, 1)])
-            producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap_servers)
+            producer = AIOKafkaProducer(**s.kafka_client)
             await producer.start()
             try:
                 await producer.send_and_wait(

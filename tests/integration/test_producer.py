@@ -19,7 +19,7 @@ def test_a_producer_renewed_while_the_broker_is_away_is_renewed_once_it_is_back(
     topic = s.topic("renew.check")
 
     async def scenario() -> tuple[bool, bool, bool, bool, list[bytes]]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+        admin = AIOKafkaAdminClient(**s.kafka_client)
         await admin.start()
         try:
             await admin.create_topics([NewTopic(topic, 1, 1)])
@@ -39,9 +39,7 @@ def test_a_producer_renewed_while_the_broker_is_away_is_renewed_once_it_is_back(
         assert renewable.producer is not None
         await renewable.producer.send_and_wait(topic, b"after renewal")
         await renewable.stop()
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=s.kafka_bootstrap_servers, auto_offset_reset="earliest"
-        )
+        consumer = AIOKafkaConsumer(topic, **s.kafka_client, auto_offset_reset="earliest")
         await consumer.start()
         try:
             got = await consumer.getmany(timeout_ms=5000)

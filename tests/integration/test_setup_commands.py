@@ -68,7 +68,12 @@ def test_keys_create_refuses_a_bad_site_id(stack: Settings) -> None:
 
 
 def test_api_refuses_the_dev_token_secret_outside_dev(stack: Settings) -> None:
-    env = {**os.environ, "ENVIRONMENT": "prod", "API_PORT": "1"}
+    env = {
+        **os.environ,
+        "ENVIRONMENT": "prod",
+        "API_PORT": "1",
+        "KAFKA_API_PASSWORD": "own-password",
+    }
     env.pop("AUTH_TOKEN_SECRET", None)
     out = subprocess.run(
         [sys.executable, "-m", "microgrid.components", "api"],

@@ -52,13 +52,13 @@ def restore(stack: Settings, name: str, state_type: type[Any]) -> StatefulShell[
     )
 
     async def scenario() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+        admin = AIOKafkaAdminClient(**s.kafka_client)
         await admin.start()
         try:
             await admin.create_topics([NewTopic(topic, 2, 1)])
         finally:
             await admin.close()
-        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap_servers, acks="all")
+        producer = AIOKafkaProducer(**s.kafka_client, acks="all")
         await producer.start()
         try:
             for i, (key, value) in enumerate(written(f"{name}.jsonl")):

@@ -14,7 +14,13 @@ from microgrid.components import COMPONENTS
 from runtime.settings import DEV_TOKEN_SECRET, PROJECT_ROOT, Settings
 
 COMPOSE = PROJECT_ROOT / "deploy" / "compose.yaml"
-SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "AUTH_TOKEN_SECRET")
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "AUTH_TOKEN_SECRET",
+    "KAFKA_ADMIN_PASSWORD",
+    *(f"KAFKA_{name.upper()}_PASSWORD" for name in COMPONENTS),
+)
 
 
 def compose() -> dict[str, Any]:
@@ -25,7 +31,9 @@ def compose() -> dict[str, Any]:
 def test_every_component_and_service_runs() -> None:
     services = compose()["services"]
     assert set(COMPONENTS) <= set(services)
-    assert {"redpanda", "postgres", "redis", "migrate"} <= set(services)
+    assert {"redpanda", "redpanda-users", "kafka-setup", "postgres", "redis", "migrate"} <= set(
+        services
+    )
     for name in COMPONENTS:
         assert services[name]["command"] == ["run", "--only", name]
 
@@ -68,3 +76,22 @@ def test_every_secret_is_required_from_the_environment() -> None:
         assert "${POSTGRES_PASSWORD:?" in services[name]["environment"]["DATABASE_URL"]
     for name in COMPONENTS:
         assert "${REDIS_PASSWORD:?" in services[name]["environment"]["REDIS_URL"]
+
+
+def test_each_component_connects_to_the_broker_as_itself_and_only_the_setup_as_admin() -> None:
+    services = compose()["services"]
+    redpanda = " ".join(services["redpanda"]["command"])
+    assert "redpanda.enable_sasl=true" in redpanda
+    for name in COMPONENTS:
+        env = services[name]["environment"]
+        assert env["KAFKA_USERNAME"] == "" and env["KAFKA_PASSWORD"] == ""  # no admin
+        own = f"KAFKA_{name.upper()}_PASSWORD"
+        assert env[own].startswith("${" + own + ":?")
+        others = {k for k in env if k.startswith("KAFKA_") and k.endswith("_PASSWORD")}
+        assert others == {"KAFKA_PASSWORD", own}, others
+        assert services[name]["depends_on"]["kafka-setup"] == {
+            "condition": "service_completed_successfully"
+        }
+    setup = services["kafka-setup"]
+    assert setup["command"] == ["kafka", "setup", "--no-credentials"]
+    assert setup["environment"]["KAFKA_PASSWORD"].startswith("${KAFKA_ADMIN_PASSWORD:?")

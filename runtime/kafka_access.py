@@ -1,0 +1,165 @@
+"""Who may do what on the broker: the SCRAM principals of the platform's components and their
+ACLs, made idempotently by `microgrid stack up`, `microgrid run` and `microgrid kafka setup`.
+
+The broker runs `StandardAuthorizer` with `allow.everyone.if.no.acl.found=false`: a principal
+may touch only what an ACL here grants it. Each component gets exactly its topics and groups;
+in particular only the validator writes `telemetry.valid`, only the query API (its outbox
+relay) writes `alert-rules` and `control.commands`, and no component may create, delete or
+configure topics (the admin principal does that).
+
+aiokafka's admin client can neither manage SCRAM credentials nor ACLs, so this uses
+confluent-kafka's (librdkafka), synchronously: it runs at setup time only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ResourcePatternType,
+    ResourceType,
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialAlteration,
+    UserScramCredentialUpsertion,
+)
+
+from contracts import Groups, Topics
+from runtime.settings import SERVICE_PRINCIPALS, Settings
+
+SCRAM_ITERATIONS = 8192
+TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Access:
+    read: tuple[str, ...] = ()  # topics it consumes (READ; DESCRIBE comes with it)
+    write: tuple[str, ...] = ()  # topics it produces to (WRITE)
+    groups: tuple[str, ...] = ()  # consumer groups it joins and commits in
+    group_prefixes: tuple[str, ...] = ()  # groups whose names start so (one per run)
+
+
+ACCESS: dict[str, Access] = {
+    "gateway": Access(write=(Topics.TELEMETRY_RAW, Topics.CONTROL_RESULTS)),
+    "validator": Access(
+        read=(Topics.TELEMETRY_RAW,),
+        write=(Topics.TELEMETRY_VALID, Topics.TELEMETRY_DLQ),
+        groups=(Groups.VALIDATOR,),
+    ),
+    "alerter": Access(
+        read=(Topics.TELEMETRY_VALID, Topics.ALERT_RULES, Topics.ALERTER_STATE),
+        write=(Topics.ALERTS, Topics.ALERTS_DLQ, Topics.ALERTER_STATE),
+        groups=(Groups.ALERTER,),
+    ),
+    "controller": Access(
+        read=(Topics.CONTROL_COMMANDS, Topics.CONTROL_RESULTS, Topics.CONTROLLER_STATE),
+        write=(
+            Topics.CONTROL_DISPATCH,
+            Topics.CONTROL_EVENTS,
+            Topics.CONTROL_DLQ,
+            Topics.CONTROLLER_STATE,
+        ),
+        groups=(Groups.CONTROLLER,),
+    ),
+    "projector": Access(
+        read=(Topics.TELEMETRY_VALID, Topics.ALERTS, Topics.CONTROL_EVENTS),
+        write=(Topics.TELEMETRY_DLQ, Topics.ALERTS_DLQ, Topics.CONTROL_DLQ),
+        groups=(Groups.TELEMETRY_PROJECTOR, Groups.ALERTS_PROJECTOR, Groups.CONTROL_PROJECTOR),
+    ),
+    # the outbox relay: rules, commands, acknowledgements, and the gateway's delivery events
+    "api": Access(
+        write=(Topics.ALERT_RULES, Topics.CONTROL_COMMANDS, Topics.ALERTS, Topics.CONTROL_EVENTS)
+    ),
+    # the simulator's Kafka devices: every site's dispatch, until sites have topics of their own
+    "simulator": Access(
+        read=(Topics.CONTROL_DISPATCH,),
+        write=(Topics.CONTROL_RESULTS,),
+        group_prefixes=(Groups.SIMULATOR + ".",),
+    ),
+}
+assert set(ACCESS) == set(SERVICE_PRINCIPALS), "every service principal has its access"
+
+
+def admin_client(s: Settings) -> AdminClient:
+    return AdminClient(
+        {
+            "bootstrap.servers": s.kafka_bootstrap_servers,
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": s.kafka_username,
+            "sasl.password": s.kafka_password,
+        }
+    )
+
+
+def acl_bindings(s: Settings) -> list[AclBinding]:
+    """Every ACL the components need in `s`'s namespace."""
+    out = []
+
+    def allow(user: str, kind: ResourceType, name: str, op: AclOperation, prefix: bool) -> None:
+        pattern = ResourcePatternType.PREFIXED if prefix else ResourcePatternType.LITERAL
+        binding = AclBinding(kind, name, pattern, f"User:{user}", "*", op, AclPermissionType.ALLOW)
+        out.append(binding)
+
+    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+    read, write = AclOperation.READ, AclOperation.WRITE
+    for component, access in ACCESS.items():
+        user, _ = s.service_credentials(component)
+        for name in access.read:
+            allow(user, topic, s.topic(name), read, prefix=False)
+        for name in access.write:
+            allow(user, topic, s.topic(name), write, prefix=False)
+        for name in access.groups:
+            allow(user, group, s.group(name), read, prefix=False)
+        for name in access.group_prefixes:
+            allow(user, group, s.group(name), read, prefix=True)
+    return out
+
+
+class AccessError(RuntimeError):
+    """The broker refused to set up principals or ACLs."""
+
+
+def ensure_access(s: Settings, credentials: bool = True) -> None:
+    """Create or update the components' SCRAM credentials (`credentials`) and their ACLs in
+    `s`'s namespace. Idempotent; needs the admin principal."""
+    admin = admin_client(s)
+    try:
+        if credentials:
+            upserts: list[UserScramCredentialAlteration] = []
+            for component in ACCESS:
+                user, password = s.service_credentials(component)
+                if password:  # a component whose password is not given here is left as it is
+                    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
+                    upserts.append(UserScramCredentialUpsertion(user, info, password.encode()))
+            for future in admin.alter_user_scram_credentials(upserts).values():
+                future.result(timeout=TIMEOUT_S)
+        for future in admin.create_acls(acl_bindings(s)).values():
+            future.result(timeout=TIMEOUT_S)
+    except KafkaException as exc:
+        raise AccessError(f"the broker refused the principals or ACLs: {exc}") from exc
+
+
+def remove_access(s: Settings) -> None:
+    """Delete the ACLs of `s`'s namespace (a test session's, when it ends)."""
+    admin = admin_client(s)
+    filters = [
+        AclBindingFilter(
+            b.restype,
+            b.name,
+            b.resource_pattern_type,
+            b.principal,
+            b.host,
+            b.operation,
+            b.permission_type,
+        )
+        for b in acl_bindings(s)
+    ]
+    for future in admin.delete_acls(filters).values():
+        future.result(timeout=TIMEOUT_S)
