@@ -193,6 +193,7 @@ def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
         s.kafka_bootstrap_servers,
         security=broker_security(s),
+        allow_auto_create_topics=False,  # the admin makes topics; components may not
         client_id="microgrid-alerter",
         log_level=logging.DEBUG,
     )
