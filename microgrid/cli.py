@@ -10,9 +10,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -136,7 +136,9 @@ def _supervise(names: list[str]) -> None:
     raise typer.Exit(Supervisor(names).run())
 
 
-def _ensure_topics(s: Settings) -> list[str]:
+def _ensure_topics(s: Settings, credentials: bool = True) -> list[str]:
+    """Topics, the components' principals (with `credentials`) and their ACLs, as the admin;
+    returns the topics created now."""
     from aiokafka.errors import KafkaError
 
     from runtime.kafka import ensure_topics
@@ -144,7 +146,7 @@ def _ensure_topics(s: Settings) -> list[str]:
 
     try:
         created = asyncio.run(ensure_topics(s))
-        ensure_access(s)
+        ensure_access(s, credentials=credentials)
     except (KafkaError, AccessError) as exc:
         _fail(f"Kafka at {s.kafka_bootstrap_servers} is not usable ({exc!r}); is the stack up?")
     return created
@@ -188,17 +190,7 @@ def kafka_setup(
     """Create the topics, the components' principals (microgrid-<component>, passwords from
     KAFKA_<COMPONENT>_PASSWORD) and their ACLs, as the admin (KAFKA_USERNAME,
     KAFKA_PASSWORD). Idempotent; `stack up` and `run` do it on the local stack."""
-    from aiokafka.errors import KafkaError
-
-    from runtime.kafka import ensure_topics
-    from runtime.kafka_access import AccessError, ensure_access
-
-    s = get_settings()
-    try:
-        created = asyncio.run(ensure_topics(s))
-        ensure_access(s, credentials=credentials)
-    except (KafkaError, AccessError) as exc:
-        _fail(f"Kafka at {s.kafka_bootstrap_servers} refused the setup: {exc!r}")
+    created = _ensure_topics(get_settings(), credentials)
     if created:
         typer.echo(f"topics created: {', '.join(created)}")
     typer.echo("principals and ACLs are set" if credentials else "ACLs are set")
@@ -305,6 +297,16 @@ def _admin_name() -> str:
         return "cli"
 
 
+def _plain(struct: Any) -> dict[str, Any]:
+    """A registry record as JSON-ready fields, times in ISO 8601."""
+    import msgspec
+
+    return {
+        k: v.isoformat() if isinstance(v, datetime) else v
+        for k, v in msgspec.structs.asdict(struct).items()
+    }
+
+
 def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -361,7 +363,7 @@ def devices_list(
     with _key_db() as conn:
         found = list_registrations(conn, site)
     if as_json:
-        sys.stdout.write(json.dumps([r.as_json() for r in found]) + "\n")
+        sys.stdout.write(json.dumps([_plain(r) for r in found]) + "\n")
         return
     rows = [("DEVICE", "SITE", "REGISTERED", "BY")]
     for r in found:
@@ -384,7 +386,7 @@ def devices_show(
     if reg is None:
         _fail(f"device {device!r} is not registered")
     if as_json:
-        doc = {**reg.as_json(), "moves": [m.as_json() for m in moves]}
+        doc = {**_plain(reg), "moves": [_plain(m) for m in moves]}
         sys.stdout.write(json.dumps(doc) + "\n")
         return
     at = reg.registered_at.isoformat(timespec="seconds")

@@ -58,26 +58,6 @@ async def _run(services: Services, action: Callable[[psycopg.Connection], T]) ->
     return await asyncio.to_thread(run)
 
 
-def _registration(r: devices.Registration) -> Registration:
-    return Registration(
-        device_id=r.device_id,
-        site_id=r.site_id,
-        registered_at=r.registered_at,
-        registered_by=r.registered_by,
-    )
-
-
-def _move(m: devices.Move) -> DeviceMove:
-    return DeviceMove(
-        device_id=m.device_id,
-        from_site=m.from_site,
-        to_site=m.to_site,
-        moved_by=m.moved_by,
-        reason=m.reason,
-        moved_at=m.moved_at,
-    )
-
-
 def _unregistered(device_id: str) -> Exception:
     return problem(404, "Unregistered device", f"device {device_id!r} is not registered")
 
@@ -118,7 +98,7 @@ class RegistryController(Controller):
             )
         except devices.RegistryError as exc:
             raise problem(409, "Registered to another site", str(exc)) from exc
-        return Response(_registration(found), status_code=201 if new else 200)
+        return Response(found, status_code=201 if new else 200)
 
     @get("/{device_id:str}")
     async def get_registration(self, services: Services, device_id: str) -> RegisteredDevice:
@@ -135,7 +115,7 @@ class RegistryController(Controller):
             site_id=found.site_id,
             registered_at=found.registered_at,
             registered_by=found.registered_by,
-            moves=[_move(m) for m in moves],
+            moves=moves,
         )
 
     @post("/{device_id:str}/move", status_code=200)
@@ -164,4 +144,4 @@ class RegistryController(Controller):
             raise problem(409, "Already there", str(exc)) from exc
         if moved is None:
             raise _unregistered(device_id)
-        return _move(moved)
+        return moved

@@ -18,14 +18,14 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Literal
 
 import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from contracts.api import DeviceMove as Move
+from contracts.api import Registration
 from contracts.readings import Identifier
 
 log = logging.getLogger("microgrid.devices")
@@ -58,42 +58,6 @@ class RegistryError(ValueError):
 
 class RegistryUnavailable(RuntimeError):
     """The owner of a device could not be looked up now (PostgreSQL unreachable)."""
-
-
-@dataclass(frozen=True)
-class Registration:
-    device_id: str
-    site_id: str
-    registered_at: datetime
-    registered_by: str
-
-    def as_json(self) -> dict[str, str]:
-        return {
-            "device_id": self.device_id,
-            "site_id": self.site_id,
-            "registered_at": self.registered_at.isoformat(),
-            "registered_by": self.registered_by,
-        }
-
-
-@dataclass(frozen=True)
-class Move:
-    device_id: str
-    from_site: str
-    to_site: str
-    moved_by: str
-    reason: str
-    moved_at: datetime
-
-    def as_json(self) -> dict[str, str]:
-        return {
-            "device_id": self.device_id,
-            "from_site": self.from_site,
-            "to_site": self.to_site,
-            "moved_by": self.moved_by,
-            "reason": self.reason,
-            "moved_at": self.moved_at.isoformat(),
-        }
 
 
 _REG = "device_id, site_id, registered_at, registered_by"

@@ -91,8 +91,8 @@ class RecordRouter:
         owners = await self._owners(verdicts)
         pending = []
         for rec, verdict in zip(records, verdicts, strict=True):
-            if isinstance(verdict, Valid) and owners.get(verdict.device_id) != verdict.site_id:
-                owner = owners.get(verdict.device_id)
+            owner = owners.get(verdict.device_id) if isinstance(verdict, Valid) else None
+            if isinstance(verdict, Valid) and owner != verdict.site_id:
                 verdict = Invalid(
                     f"device {verdict.device_id!r} is not registered (DEVICE_REGISTRATION=admin)"
                     if owner is None

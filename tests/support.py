@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +15,21 @@ from typing import Any
 
 import httpx
 import psycopg
+
+from runtime.settings import PROJECT_ROOT
+
+
+def microgrid_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`microgrid ARGS...` in a process of its own, with this session's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "microgrid.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=os.environ,
+        input=stdin,
+        timeout=60,
+    )
 
 
 def reading(device_id: str, site_id: str, seq: int = 0, **metrics: Any) -> dict[str, Any]:

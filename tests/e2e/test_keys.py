@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -16,23 +15,16 @@ import psycopg
 import pytest
 
 from runtime.keys import create_key, revoke_key
-from runtime.settings import PROJECT_ROOT, Settings
+from runtime.settings import Settings
 from tests.conftest import Components, free_port, wait_for
-from tests.support import new_device, reading
+from tests.support import microgrid_cli, new_device, reading
 
 CACHE_S = 2.0
 BODY_TIMEOUT_S = 1.5
 
 
 def keys_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "microgrid.cli", "keys", *args],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        env=os.environ,
-        timeout=60,
-    )
+    return microgrid_cli("keys", *args)
 
 
 @pytest.fixture(scope="module")
@@ -182,15 +174,7 @@ def test_a_bad_key_is_refused_before_the_body_and_a_slow_body_times_out(
 
 
 def users_cli(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "microgrid.cli", "users", *args],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        env=os.environ,
-        input=stdin,
-        timeout=60,
-    )
+    return microgrid_cli("users", *args, stdin=stdin)
 
 
 def test_a_user_set_by_the_cli_logs_in_with_its_role(platform: Components) -> None:

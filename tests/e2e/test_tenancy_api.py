@@ -25,24 +25,12 @@ from runtime.devices import register_device
 from runtime.keys import create_key
 from runtime.settings import Settings
 from tests.conftest import Components, free_port, wait_for
+from tests.e2e.test_query_api import PROBLEM_JSON, assert_problem, auth
 from tests.outages import PrivatePostgres
 from tests.sse import SSEClient
 from tests.support import new_device
 
-PROBLEM_JSON = "application/problem+json"
 SCOPE_WAIT_S = USER_CACHE_S + 5  # a change of users must show within the cache time
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def assert_problem(r: httpx.Response, status: int) -> dict[str, Any]:
-    assert r.status_code == status, f"{r.request.method} {r.request.url}: {r.status_code} {r.text}"
-    assert r.headers["content-type"].startswith(PROBLEM_JSON), r.headers
-    body: dict[str, Any] = r.json()
-    assert body["status"] == status
-    return body
 
 
 def ids(r: httpx.Response, field: str = "id") -> set[str]:

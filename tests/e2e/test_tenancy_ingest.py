@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,22 +16,15 @@ import pytest
 
 from contracts import Headers
 from runtime.keys import create_key
-from runtime.settings import PROJECT_ROOT, Settings
+from runtime.settings import Settings
 from tests.conftest import Components, free_port, wait_for
 from tests.e2e.test_control import answer, command, fetch_next
 from tests.e2e.test_ingest_kafka import dead_letters, produce
-from tests.support import new_device, reading, stored_count
+from tests.support import microgrid_cli, new_device, reading, stored_count
 
 
 def devices_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "microgrid.cli", "devices", *args],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        env=os.environ,
-        timeout=60,
-    )
+    return microgrid_cli("devices", *args)
 
 
 def post(url: str, key: str, body: dict[str, Any], batch: bool = False) -> httpx.Response:
