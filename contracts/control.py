@@ -63,10 +63,14 @@ class CommandRequested(msgspec.Struct, frozen=True, kw_only=True):
     requested_at: datetime
     deadline: datetime
     requested_by: str = ""
+    site_id: str = ""  # the device's owner when it was requested
+    # the site has topics of its own: dispatch on `site.<site_id>.dispatch`, not control.dispatch
+    site_topics: bool = False
 
 
 class CommandDispatch(msgspec.Struct, frozen=True, kw_only=True):
-    """On `control.dispatch`, keyed by device id: what a device is to execute."""
+    """On `control.dispatch`, or its site's `site.<site>.dispatch`, keyed by device id: what a
+    device is to execute."""
 
     id: str
     device_id: str
@@ -76,9 +80,9 @@ class CommandDispatch(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CommandResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A device's reply: on `control.results` keyed by device id, or
-    `POST /api/v1/control/commands/{id}/result` (where `id` and `device_id` come from the path
-    and the key)."""
+    """A device's reply: on `control.results` (or its site's `site.<site>.results`) keyed by
+    device id, or `POST /api/v1/control/commands/{id}/result` (where `id` and `device_id` come
+    from the path and the key)."""
 
     status: Literal["succeeded", "failed"]
     reason: Reason = ""

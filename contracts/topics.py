@@ -1,6 +1,6 @@
 """Topic names, record header names and consumer group ids. Defined here and nowhere else."""
 
-from typing import Final
+from typing import Final, Literal
 
 
 class Topics:
@@ -12,11 +12,33 @@ class Topics:
     ALERTS_DLQ: Final = "alerts.dlq"  # refused by the alerter or the alerts projection
     ALERTER_STATE: Final = "alerter.state"  # compacted changelog of per-device alert state
     CONTROL_COMMANDS: Final = "control.commands"  # requested commands, keyed by device id
-    CONTROL_DISPATCH: Final = "control.dispatch"  # commands for devices to execute
-    CONTROL_RESULTS: Final = "control.results"  # devices' replies
+    # commands for devices to execute, of sites without topics of their own (site_topic)
+    CONTROL_DISPATCH: Final = "control.dispatch"
+    CONTROL_RESULTS: Final = "control.results"  # devices' replies (from sites' topics: checked)
     CONTROL_EVENTS: Final = "control.events"  # every lifecycle transition
     CONTROLLER_STATE: Final = "controller.state"  # compacted changelog, keyed by command id
     CONTROL_DLQ: Final = "control.dlq"  # refused by the controller or the control projection
+
+
+# A site whose devices have Kafka clients has topics of its own (`microgrid keys create --kafka`):
+# its devices produce readings and replies there and consume their commands there, and the
+# broker's ACLs give a site's principals these three topics and nothing else. Topic names take
+# only [A-Za-z0-9._-], and a '.' in a site id would make one site's names a prefix of
+# another's, so such a site's id is letters, digits, '_' and '-'.
+SITE_ID_PATTERN: Final = "[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+SiteTopic = Literal["telemetry", "dispatch", "results"]
+SITE_TOPICS: Final[tuple[SiteTopic, ...]] = ("telemetry", "dispatch", "results")
+
+
+def site_topic(site_id: str, kind: SiteTopic) -> str:
+    """`site.<site>.telemetry` (readings, keyed by device), `.dispatch` (commands for the
+    site's devices) or `.results` (their replies), without the namespace."""
+    return f"site.{site_id}.{kind}"
+
+
+def site_group_prefix(site_id: str) -> str:
+    """The consumer groups a site's principals may use start with this."""
+    return f"site.{site_id}."
 
 
 class Headers:
@@ -27,6 +49,7 @@ class Headers:
     DLQ_SOURCE_PARTITION: Final = "x-dlq-source-partition"
     DLQ_SOURCE_OFFSET: Final = "x-dlq-source-offset"
     # On telemetry.valid: the telemetry.raw record it was derived from (projection de-duplication).
+    SOURCE_TOPIC: Final = "x-source-topic"  # only when it is a site's topic, not telemetry.raw
     SOURCE_PARTITION: Final = "x-source-partition"
     SOURCE_OFFSET: Final = "x-source-offset"
 

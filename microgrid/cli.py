@@ -197,8 +197,19 @@ def kafka_setup(
 
 
 @keys_app.command("create")
-def keys_create(site: Annotated[str, typer.Option(help="site the key may send for")]) -> None:
-    """Print one new device ingest key for SITE on stdout (and nothing else)."""
+def keys_create(
+    site: Annotated[str, typer.Option(help="site the key may send for")],
+    kafka: Annotated[
+        bool,
+        typer.Option(
+            "--kafka",
+            help="a Kafka principal for the site's devices instead: its own topics"
+            " site.SITE.telemetry, .dispatch and .results (made when missing)",
+        ),
+    ] = False,
+) -> None:
+    """Print one new device ingest key for SITE on stdout (and nothing else); with --kafka,
+    a new Kafka principal's client configuration (librdkafka properties, e.g. `kcat -F`)."""
     import msgspec
     import psycopg
 
@@ -209,12 +220,66 @@ def keys_create(site: Annotated[str, typer.Option(help="site the key may send fo
         msgspec.convert(site, Identifier)
     except msgspec.ValidationError:
         _fail(f"invalid site id {site!r}: letters, digits and . _ : - (at most 64)")
+    if kafka:
+        _create_kafka_principal(site)
+        return
     try:
         with psycopg.connect(get_settings().database_url, autocommit=True) as conn:
             key = create_key(conn, site)
     except psycopg.OperationalError as exc:
         _fail(f"cannot reach PostgreSQL ({exc}); is the stack up (`microgrid stack up`)?")
     sys.stdout.write(key + "\n")
+
+
+def _create_kafka_principal(site: str) -> None:
+    """The site's topics and ACLs, a new principal on the broker, and its record, in that
+    order; a principal whose record cannot be stored is removed again."""
+    from aiokafka.errors import KafkaError
+
+    from contracts.topics import site_group_prefix, site_topic
+    from runtime.kafka_access import (
+        AccessError,
+        check_site_id,
+        create_site_principal,
+        revoke_site_principal,
+    )
+    from runtime.keys import record_kafka_principal
+
+    s = get_settings()
+    try:
+        check_site_id(site)
+    except ValueError as exc:
+        _fail(str(exc))
+    with _key_db() as conn:  # PostgreSQL first: no principal is made that cannot be recorded
+        try:
+            user, password = create_site_principal(s, site)
+        except (KafkaError, AccessError) as exc:
+            _fail(f"Kafka at {s.kafka_bootstrap_servers} refused ({exc!r}); is the stack up?")
+        try:
+            record_kafka_principal(conn, user, site)
+        except Exception:
+            revoke_site_principal(s, user)
+            raise
+    topics = {
+        kind: s.topic(site_topic(site, kind)) for kind in ("telemetry", "dispatch", "results")
+    }
+    sys.stdout.write(
+        "\n".join(
+            [
+                f"# Kafka principal of site {site}: shown once, keep it secret",
+                f"# produce readings to {topics['telemetry']} and replies to"
+                f" {topics['results']}, keyed by device id;",
+                f"# consume commands from {topics['dispatch']} in a group named"
+                f" {s.group(site_group_prefix(site))}<anything>",
+                f"bootstrap.servers={s.kafka_bootstrap_servers}",
+                "security.protocol=SASL_PLAINTEXT",
+                "sasl.mechanisms=SCRAM-SHA-512",
+                f"sasl.username={user}",
+                f"sasl.password={password}",
+                "",
+            ]
+        )
+    )
 
 
 def _key_db() -> psycopg.Connection:
@@ -413,10 +478,15 @@ def _duration(text: str) -> timedelta:
 def keys_list(
     site: Annotated[str | None, typer.Option(help="only this site's keys")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array")] = False,
+    kafka: Annotated[bool, typer.Option("--kafka", help="the Kafka principals")] = False,
 ) -> None:
-    """Every key (id, prefix, site, created, revoked): never the key or its hash."""
+    """Every key (id, prefix, site, created, revoked): never the key or its hash; with
+    --kafka, the sites' Kafka principals instead (never their passwords)."""
     from runtime.keys import list_keys
 
+    if kafka:
+        _list_kafka_principals(site, as_json)
+        return
     with _key_db() as conn:
         keys = list_keys(conn, site)
     if as_json:
@@ -431,19 +501,58 @@ def keys_list(
     _table(rows)
 
 
-@keys_app.command("revoke")
-def keys_revoke(
-    key: Annotated[str, typer.Argument(help="the key's id, its prefix (mgk_...) or the key")],
-) -> None:
-    """Revoke a key now: the gateway refuses it within INGEST_KEY_CACHE_S."""
-    from runtime.keys import KeyNotFound, revoke_key
+def _list_kafka_principals(site: str | None, as_json: bool) -> None:
+    from runtime.keys import list_kafka_principals
 
     with _key_db() as conn:
+        principals = list_kafka_principals(conn, site)
+    if as_json:
+        sys.stdout.write(json.dumps([p.as_json() for p in principals]) + "\n")
+        return
+    rows = [("ID", "USERNAME", "SITE", "CREATED", "REVOKED", "STATUS")]
+    for p in principals:
+        revoked = p.revoked_at.isoformat(timespec="seconds") if p.revoked_at else "-"
+        created = p.created_at.isoformat(timespec="seconds")
+        status = "active" if p.active else "revoked"
+        rows.append((str(p.id), p.username, p.site, created, revoked, status))
+    _table(rows)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[
+        str,
+        typer.Argument(
+            help="the key's id, its prefix (mgk_...) or the key; or a Kafka principal's username"
+        ),
+    ],
+) -> None:
+    """Revoke a key now: the gateway refuses it within INGEST_KEY_CACHE_S. A Kafka principal
+    loses its ACLs and credentials at once."""
+    from runtime.keys import KeyNotFound, find_kafka_principal, revoke_key
+
+    with _key_db() as conn:
+        if (principal := find_kafka_principal(conn, key.strip())) is not None:
+            _revoke_kafka_principal(conn, principal.username)
+            return
         try:
             done = revoke_key(conn, key)
         except KeyNotFound as exc:
             _fail(str(exc))
     typer.echo(f"revoked key {done.id} ({done.prefix}, site {done.site}) at {done.revoked_at}")
+
+
+def _revoke_kafka_principal(conn: psycopg.Connection, username: str) -> None:
+    from runtime.kafka_access import AccessError, revoke_site_principal
+    from runtime.keys import mark_kafka_principal_revoked
+
+    s = get_settings()
+    try:
+        revoke_site_principal(s, username)  # the broker first: the record follows what is true
+    except AccessError as exc:
+        _fail(str(exc))
+    done = mark_kafka_principal_revoked(conn, username)
+    typer.echo(f"revoked Kafka principal {done.username} (site {done.site}) at {done.revoked_at}")
 
 
 @keys_app.command("rotate")
@@ -455,10 +564,15 @@ def keys_rotate(
 ) -> None:
     """Print a new key for the same site on stdout (nothing else) and revoke the old one, now
     or after --grace."""
-    from runtime.keys import KeyNotFound, rotate_key
+    from runtime.keys import KeyNotFound, find_kafka_principal, rotate_key
 
     after = _duration(grace)
     with _key_db() as conn:
+        if find_kafka_principal(conn, key.strip()) is not None:
+            _fail(
+                "a Kafka principal is not rotated in place: create another with"
+                " `keys create --site SITE --kafka`, move the devices to it, then revoke this one"
+            )
         try:
             new, info, old = rotate_key(conn, key, after)
         except KeyNotFound as exc:

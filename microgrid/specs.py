@@ -7,18 +7,21 @@ when the committed files differ from what the code generates now.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import msgspec
 
 from contracts import Reading, ReadingBatch, Topics
 from contracts.alerting import AlertEvent
 from contracts.control import CommandDispatch, CommandRequested, CommandResult, ControlEvent
+from contracts.topics import site_topic
 from runtime.settings import PROJECT_ROOT, Settings
 from stream_processors.alerting import DeviceState
 from stream_processors.lifecycle import CommandState
@@ -39,7 +42,16 @@ TOPIC_PAYLOADS: dict[str, tuple[type, ...]] = {
     Topics.CONTROL_EVENTS: (ControlEvent,),
     Topics.CONTROLLER_STATE: (CommandState,),
     Topics.CONTROL_DLQ: (),
+    site_topic("{site}", "telemetry"): (Reading, ReadingBatch),
+    site_topic("{site}", "dispatch"): (CommandDispatch,),
+    site_topic("{site}", "results"): (CommandResult,),
 }
+# Subscriptions by pattern, documented as the topics the pattern stands for.
+PATTERN_TOPICS: tuple[str, ...] = (
+    Topics.TELEMETRY_RAW,
+    site_topic("{site}", "telemetry"),
+    site_topic("{site}", "results"),
+)
 
 
 def _defaults() -> Settings:
@@ -71,7 +83,53 @@ def _asyncapi(title: str, factory: Callable[[Settings], Any]) -> dict[str, Any]:
     assert app.broker is not None
     spec = AsyncAPI(app.broker, title=title, version="1")
     doc: dict[str, Any] = json.loads(spec.to_specification().to_json())
-    return with_payloads(doc)
+    return with_payloads(expand_patterns(doc))
+
+
+def expand_patterns(doc: dict[str, Any]) -> dict[str, Any]:
+    """Replace a channel whose address is a subscription pattern (`^...$`) by one channel per
+    topic of PATTERN_TOPICS that it matches, with its operation and message."""
+    import re
+
+    channels, operations = doc.get("channels", {}), doc.get("operations", {})
+    messages = doc.get("components", {}).get("messages", {})
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name, channel in list(channels.items()):
+        pattern = channel.get("address", "")
+        if not pattern.startswith("^"):
+            continue
+        del channels[name]
+        suffix = name[len(pattern) :]  # ":<Handler>"
+        ops = {k: op for k, op in operations.items() if k.startswith(pattern + ":")}
+        old_messages = {
+            key: unquote(ref["$ref"].rsplit("/", 1)[-1]) for key, ref in channel["messages"].items()
+        }
+        for old in old_messages.values():
+            schemas.pop(messages[old]["payload"]["$ref"].rsplit("/", 1)[-1], None)
+        for topic in PATTERN_TOPICS:
+            if not re.match(pattern, topic.replace("{site}", "S")):
+                continue
+            new = copy.deepcopy(channel)
+            new["address"] = new["bindings"]["kafka"]["topic"] = topic
+            for key, old in old_messages.items():
+                message = copy.deepcopy(messages[old])
+                message["title"] = f"{topic}{suffix}:{key}"
+                message["payload"] = {"$ref": f"#/components/schemas/{topic}{suffix}:Payload"}
+                messages[message["title"]] = message
+                new["messages"][key] = {"$ref": f"#/components/messages/{message['title']}"}
+            channels[topic + suffix] = new
+            for op_name, op in ops.items():
+                copied = copy.deepcopy(op)
+                copied["channel"] = {"$ref": f"#/channels/{topic}{suffix}"}
+                copied["messages"] = [
+                    {"$ref": f"#/channels/{topic}{suffix}/messages/{key}"} for key in old_messages
+                ]
+                operations[topic + op_name[len(pattern) :]] = copied
+        for old in old_messages.values():
+            del messages[old]
+        for op_name in ops:
+            del operations[op_name]
+    return doc
 
 
 def _validator() -> dict[str, Any]:
@@ -108,8 +166,8 @@ def with_payloads(doc: dict[str, Any]) -> dict[str, Any]:
     for channel in doc.get("channels", {}).values():
         payload = by_topic.get(channel.get("address", ""))
         for message in channel.get("messages", {}).values():
-            name = message["$ref"].rsplit("/", 1)[-1]
-            target = components["messages"][name]["payload"]["$ref"].rsplit("/", 1)[-1]
+            name = unquote(message["$ref"].rsplit("/", 1)[-1])
+            target = unquote(components["messages"][name]["payload"]["$ref"].rsplit("/", 1)[-1])
             schemas[target] = payload or {"description": "the original record value, as sent"}
     return doc
 

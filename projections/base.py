@@ -237,6 +237,9 @@ class Projection(Generic[T]):
         try:
             src_p = _header(rec, Headers.SOURCE_PARTITION)
             src_o = _header(rec, Headers.SOURCE_OFFSET)
+            src_t = _header(rec, Headers.SOURCE_TOPIC)  # a site's topic; absent: telemetry.raw
+            if src_t is not None and src_p is not None:
+                src_p = f"{src_t}/{src_p}"
             source_offset = int(src_o) if src_o is not None else None
             item = self.decode(rec)
         except (ValueError, msgspec.MsgspecError) as exc:

@@ -46,6 +46,14 @@ COLUMNS = (
 )
 # Ids of commands sent with an Idempotency-Key: uuid5(this, user + key).
 ID_NAMESPACE: Final = uuid.UUID("9b7e4f1c-52a4-4d0e-8d0c-6a1f3f1b7c21")
+# The device's type, its owner, and whether that site has topics of its own (a Kafka
+# principal was made for it): then its commands are dispatched on `site.<site>.dispatch`.
+DEVICE_SQL = """
+SELECT d.device_type, r.site_id,
+       EXISTS (SELECT 1 FROM kafka_principals k WHERE k.site_id = r.site_id)
+FROM devices d LEFT JOIN device_registry r USING (device_id)
+WHERE d.device_id = %s
+"""
 LEDGER_SQL = """
 INSERT INTO command_requests
     (id, requested_by, idempotency_key, device_id, command, params, ttl_s, deadline, created_at)
@@ -119,9 +127,7 @@ class ControlCommandController(Controller):
                 raise problem(404, "Unknown device", f"no device {data.device_id!r} has reported")
             if idempotency_key and (seen := await _by_key(conn, user, idempotency_key)):
                 return seen
-            cur = await conn.execute(
-                "SELECT device_type FROM devices WHERE device_id = %s", (data.device_id,)
-            )
+            cur = await conn.execute(DEVICE_SQL, (data.device_id,))
             device = await cur.fetchone()
             if device is None:
                 raise problem(404, "Unknown device", f"no device {data.device_id!r} has reported")
@@ -159,6 +165,8 @@ class ControlCommandController(Controller):
                         requested_at=now,
                         deadline=deadline,
                         requested_by=user,
+                        site_id=device[1] or "",
+                        site_topics=device[2],
                     )
                     queued = await outbox.add(
                         conn,

@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from faststream.security import SASLScram512
 
 from contracts import Topics
+from contracts.topics import SITE_TOPICS, site_topic
 from runtime.settings import Settings
 
 HOUR_MS = 3_600_000
@@ -60,9 +61,32 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
     ]
 
 
-async def ensure_topics(s: Settings, timeout_s: float = 15.0) -> list[str]:
-    """Create missing topics and bring existing ones to the configs of `topic_specs`; return
-    the names created. Partition counts of existing topics are left as they are."""
+def site_topic_specs(s: Settings, site_id: str) -> list[TopicSpec]:
+    """The topics of a site whose devices have Kafka clients: readings are kept like
+    `telemetry.raw`, commands and replies like the shared control topics."""
+    durability = {"min.insync.replicas": str(min(2, s.topic_replication_factor))}
+    retention = {
+        "telemetry": s.telemetry_retention_hours * HOUR_MS,
+        "dispatch": s.dlq_retention_hours * HOUR_MS,
+        "results": s.dlq_retention_hours * HOUR_MS,
+    }
+    return [
+        TopicSpec(
+            s.topic(site_topic(site_id, kind)),
+            s.site_topic_partitions,
+            {"retention.ms": str(retention[kind]), **durability},
+        )
+        for kind in SITE_TOPICS
+    ]
+
+
+async def ensure_topics(
+    s: Settings, specs: list[TopicSpec] | None = None, timeout_s: float = 15.0
+) -> list[str]:
+    """Create missing topics and bring existing ones to the configs of `specs` (default: the
+    platform's, `topic_specs`); return the names created. Partition counts of existing topics
+    are left as they are."""
+    specs = topic_specs(s) if specs is None else specs
     admin = AIOKafkaAdminClient(**s.kafka_client)
     deadline = asyncio.get_running_loop().time() + timeout_s
     aiokafka_log = logging.getLogger("aiokafka")
@@ -82,8 +106,8 @@ async def ensure_topics(s: Settings, timeout_s: float = 15.0) -> list[str]:
     created: list[str] = []
     try:
         existing = set(await admin.list_topics())
-        await _reconcile_configs(admin, [spec for spec in topic_specs(s) if spec.name in existing])
-        for spec in topic_specs(s):
+        await _reconcile_configs(admin, [spec for spec in specs if spec.name in existing])
+        for spec in specs:
             if spec.name in existing:
                 continue
             try:

@@ -13,6 +13,9 @@ confluent-kafka's (librdkafka), synchronously: it runs at setup time only.
 
 from __future__ import annotations
 
+import asyncio
+import re
+import secrets
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -27,10 +30,13 @@ from confluent_kafka.admin import (
     ScramCredentialInfo,
     ScramMechanism,
     UserScramCredentialAlteration,
+    UserScramCredentialDeletion,
     UserScramCredentialUpsertion,
 )
 
 from contracts import Groups, Topics
+from contracts.topics import SITE_ID_PATTERN, site_group_prefix, site_topic
+from runtime.kafka import ensure_topics, site_topic_specs
 from runtime.settings import SERVICE_PRINCIPALS, Settings
 
 SCRAM_ITERATIONS = 8192
@@ -47,9 +53,16 @@ class Access:
 
 ACCESS: dict[str, Access] = {
     "gateway": Access(write=(Topics.TELEMETRY_RAW, Topics.CONTROL_RESULTS)),
+    # also reads each site's telemetry and results topics (`site_acl_bindings`), and passes
+    # the replies it finds there on to control.results once their devices check out
     "validator": Access(
         read=(Topics.TELEMETRY_RAW,),
-        write=(Topics.TELEMETRY_VALID, Topics.TELEMETRY_DLQ),
+        write=(
+            Topics.TELEMETRY_VALID,
+            Topics.TELEMETRY_DLQ,
+            Topics.CONTROL_RESULTS,
+            Topics.CONTROL_DLQ,
+        ),
         groups=(Groups.VALIDATOR,),
     ),
     "alerter": Access(
@@ -57,6 +70,7 @@ ACCESS: dict[str, Access] = {
         write=(Topics.ALERTS, Topics.ALERTS_DLQ, Topics.ALERTER_STATE),
         groups=(Groups.ALERTER,),
     ),
+    # also writes each site's dispatch topic (`site_acl_bindings`)
     "controller": Access(
         read=(Topics.CONTROL_COMMANDS, Topics.CONTROL_RESULTS, Topics.CONTROLLER_STATE),
         write=(
@@ -76,7 +90,7 @@ ACCESS: dict[str, Access] = {
     "api": Access(
         write=(Topics.ALERT_RULES, Topics.CONTROL_COMMANDS, Topics.ALERTS, Topics.CONTROL_EVENTS)
     ),
-    # the simulator's Kafka devices: every site's dispatch, until sites have topics of their own
+    # the simulator plays the Kafka devices of sites without topics of their own
     "simulator": Access(
         read=(Topics.CONTROL_DISPATCH,),
         write=(Topics.CONTROL_RESULTS,),
@@ -98,14 +112,19 @@ def admin_client(s: Settings) -> AdminClient:
     )
 
 
+def _allow(
+    user: str, kind: ResourceType, name: str, op: AclOperation, prefix: bool = False
+) -> AclBinding:
+    pattern = ResourcePatternType.PREFIXED if prefix else ResourcePatternType.LITERAL
+    return AclBinding(kind, name, pattern, f"User:{user}", "*", op, AclPermissionType.ALLOW)
+
+
 def acl_bindings(s: Settings) -> list[AclBinding]:
     """Every ACL the components need in `s`'s namespace."""
     out = []
 
     def allow(user: str, kind: ResourceType, name: str, op: AclOperation, prefix: bool) -> None:
-        pattern = ResourcePatternType.PREFIXED if prefix else ResourcePatternType.LITERAL
-        binding = AclBinding(kind, name, pattern, f"User:{user}", "*", op, AclPermissionType.ALLOW)
-        out.append(binding)
+        out.append(_allow(user, kind, name, op, prefix))
 
     topic, group = ResourceType.TOPIC, ResourceType.GROUP
     read, write = AclOperation.READ, AclOperation.WRITE
@@ -163,3 +182,88 @@ def remove_access(s: Settings) -> None:
     ]
     for future in admin.delete_acls(filters).values():
         future.result(timeout=TIMEOUT_S)
+
+
+# Sites whose devices have Kafka clients: a principal of their own and three topics.
+
+
+def check_site_id(site_id: str) -> None:
+    """ValueError unless `site_id` can name a site's topics (SITE_ID_PATTERN)."""
+    if not re.fullmatch(SITE_ID_PATTERN, site_id):
+        raise ValueError(
+            f"site id {site_id!r} cannot name Kafka topics: a site with Kafka devices needs an"
+            " id of letters, digits, '_' and '-' (at most 64, starting with a letter or digit)"
+        )
+
+
+def site_acl_bindings(s: Settings, site_id: str, user: str | None = None) -> list[AclBinding]:
+    """The components' ACLs on the site's topics and, for a site principal `user`, its own:
+    write readings and replies, read its dispatch, in groups named `site.<site>.*`. Literal
+    topic ACLs: a prefixed `site.<site>.` one would also let devices write their dispatch."""
+    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+    read, write = AclOperation.READ, AclOperation.WRITE
+    telemetry = s.topic(site_topic(site_id, "telemetry"))
+    dispatch = s.topic(site_topic(site_id, "dispatch"))
+    results = s.topic(site_topic(site_id, "results"))
+    validator, _ = s.service_credentials("validator")
+    controller, _ = s.service_credentials("controller")
+    out = [
+        _allow(validator, topic, telemetry, read),
+        _allow(validator, topic, results, read),
+        _allow(controller, topic, dispatch, write),
+    ]
+    if user is not None:
+        out += [
+            _allow(user, topic, telemetry, write),
+            _allow(user, topic, results, write),
+            _allow(user, topic, dispatch, read),
+            _allow(user, group, s.group(site_group_prefix(site_id)), read, prefix=True),
+        ]
+    return out
+
+
+def create_site_principal(s: Settings, site_id: str) -> tuple[str, str]:
+    """Make the site's topics (when missing), the components' ACLs on them, and a new SCRAM
+    principal for the site with its ACLs; return (username, password). Needs the admin."""
+    check_site_id(site_id)
+    asyncio.run(ensure_topics(s, site_topic_specs(s, site_id)))
+    user = f"{s.kafka_principal_prefix}site-{site_id}-{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(32)
+    admin = admin_client(s)
+    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, SCRAM_ITERATIONS)
+    try:
+        upsert = UserScramCredentialUpsertion(user, info, password.encode())
+        for future in admin.alter_user_scram_credentials([upsert]).values():
+            future.result(timeout=TIMEOUT_S)
+        for future in admin.create_acls(site_acl_bindings(s, site_id, user)).values():
+            future.result(timeout=TIMEOUT_S)
+    except KafkaException as exc:
+        raise AccessError(f"the broker refused the site's principal or ACLs: {exc}") from exc
+    return user, password
+
+
+def revoke_site_principal(s: Settings, user: str) -> None:
+    """Delete a site principal's credentials and every ACL naming it: its open connections
+    lose their rights at once, and it can no longer log in."""
+    admin = admin_client(s)
+    everything = AclBindingFilter(
+        ResourceType.ANY,
+        None,  # type: ignore[arg-type]  # None matches any name (librdkafka)
+        ResourcePatternType.ANY,
+        f"User:{user}",
+        None,  # type: ignore[arg-type]  # and any host
+        AclOperation.ANY,
+        AclPermissionType.ANY,
+    )
+    try:
+        for future in admin.delete_acls([everything]).values():
+            future.result(timeout=TIMEOUT_S)
+        deletion = UserScramCredentialDeletion(user, ScramMechanism.SCRAM_SHA_512)
+        for future in admin.alter_user_scram_credentials([deletion]).values():
+            try:
+                future.result(timeout=TIMEOUT_S)
+            except KafkaException as exc:
+                if "RESOURCE_NOT_FOUND" not in str(exc):  # gone already: nothing to delete
+                    raise
+    except KafkaException as exc:
+        raise AccessError(f"the broker refused to revoke {user!r}: {exc}") from exc

@@ -1,5 +1,6 @@
 """Device ingest keys: made and managed here for the CLI and the simulator alike, checked by the
-gateway (`ingest_gateway.keys`).
+gateway (`ingest_gateway.keys`); and the record of sites' Kafka principals, whose credentials
+and ACLs the broker holds (`runtime.kafka_access`).
 
 A key belongs to one site; only its SHA-256 is stored, with its first 12 characters
 (`key_prefix`) to name it. Keys are 256-bit random tokens, so a fast hash is as safe as a slow
@@ -126,3 +127,66 @@ def rotate_key(
         new = create_key(conn, old.site)
         old = revoke_key(conn, str(old.id), grace)
         return new, find_key(conn, new), old
+
+
+@dataclass(frozen=True)
+class KafkaPrincipal:
+    """A site's Kafka principal as stored here: its name, never its password."""
+
+    id: int
+    username: str
+    site: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "username": self.username,
+            "site": self.site,
+            "created_at": self.created_at.isoformat(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "active": self.active,
+        }
+
+
+_PRINCIPAL_COLUMNS = "id, username, site_id, created_at, revoked_at"
+
+
+def record_kafka_principal(conn: psycopg.Connection, username: str, site_id: str) -> None:
+    conn.execute(
+        "INSERT INTO kafka_principals (username, site_id) VALUES (%s, %s)", (username, site_id)
+    )
+
+
+def list_kafka_principals(
+    conn: psycopg.Connection, site_id: str | None = None
+) -> list[KafkaPrincipal]:
+    sql = f"SELECT {_PRINCIPAL_COLUMNS} FROM kafka_principals"
+    if site_id is None:
+        rows = conn.execute(sql + " ORDER BY id").fetchall()
+    else:
+        rows = conn.execute(sql + " WHERE site_id = %s ORDER BY id", (site_id,)).fetchall()
+    return [KafkaPrincipal(*row) for row in rows]
+
+
+def find_kafka_principal(conn: psycopg.Connection, username: str) -> KafkaPrincipal | None:
+    row = conn.execute(
+        f"SELECT {_PRINCIPAL_COLUMNS} FROM kafka_principals WHERE username = %s", (username,)
+    ).fetchone()
+    return None if row is None else KafkaPrincipal(*row)
+
+
+def mark_kafka_principal_revoked(conn: psycopg.Connection, username: str) -> KafkaPrincipal:
+    row = conn.execute(
+        "UPDATE kafka_principals SET revoked_at = coalesce(revoked_at, now())"
+        f" WHERE username = %s RETURNING {_PRINCIPAL_COLUMNS}",
+        (username,),
+    ).fetchone()
+    if row is None:
+        raise KeyNotFound(f"no Kafka principal {username!r}")
+    return KafkaPrincipal(*row)

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(1, ge=1)
     telemetry_retention_hours: int = Field(168, ge=1)
     dlq_retention_hours: int = Field(720, ge=1)
+    # Partitions of each topic of a site with topics of its own (`keys create --kafka`).
+    site_topic_partitions: int = Field(3, ge=1)
+    # How soon the validator subscribes to a site's topics made after it started (it follows
+    # them by pattern; each new one costs a rebalance of its group).
+    validator_topic_refresh_s: float = Field(5.0, ge=0.5)
 
     # Ingest gateway
     gateway_host: str = "127.0.0.1"

@@ -2,15 +2,18 @@
 
 Reads `control.commands` and `control.results` (both keyed by device, so one instance owns a
 device's commands and replies), moves each command through the pure state machine of
-`stream_processors.lifecycle`, sends dispatches on `control.dispatch` and every transition on
-`control.events`. Command states are kept by the stateful shell (`keyed_state`) in the
-compacted `controller.state` changelog, keyed by command id on the partition of the device;
-redelivered requests and replies are then no-ops, so a restart neither dispatches twice nor
-finishes a command twice. Deadlines are checked every second. A command terminal (and past its
-deadline) for longer than `CONTROLLER_TERMINAL_RETENTION_S` leaves memory and the changelog (a
-tombstone); a request whose deadline is older than that is stale and goes to `control.dlq`
-instead of running, as do undecodable records, a request under another device's key and a
-reply for a command the controller does not know or from a device it was not sent to.
+`stream_processors.lifecycle`, sends dispatches on `control.dispatch` (or, for a device of a
+site with topics of its own, on `site.<site>.dispatch`) and every transition on
+`control.events`. Replies from sites' results topics reach `control.results` through the
+validator, which checks that their devices belong to those sites. Command states are kept by
+the stateful shell (`keyed_state`) in the compacted `controller.state` changelog, keyed by
+command id on the partition of the device; redelivered requests and replies are then no-ops, so
+a restart neither dispatches twice nor finishes a command twice. Deadlines are checked every
+second. A command terminal (and past its deadline) for longer than
+`CONTROLLER_TERMINAL_RETENTION_S` leaves memory and the changelog (a tombstone); a request
+whose deadline is older than that is stale and goes to `control.dlq` instead of running, as do
+undecodable records, a request under another device's key and a reply for a command the
+controller does not know or from a device it was not sent to.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Headers, Topics
 from contracts.control import CommandRequested, CommandResult
+from contracts.topics import site_topic
 from runtime.kafka import broker_security
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
@@ -52,6 +56,7 @@ class Controller:
         self.results_topic = s.topic(Topics.CONTROL_RESULTS)
         self.dispatch_topic = s.topic(Topics.CONTROL_DISPATCH)
         self.events_topic = s.topic(Topics.CONTROL_EVENTS)
+        self.topic = s.topic
         self.shell = StatefulShell(
             s,
             name="controller",
@@ -99,7 +104,13 @@ class Controller:
                     f"stale request: its deadline {req.deadline.isoformat()} lies more than "
                     f"{self.retention.total_seconds():g} s in the past"
                 )
-            return self.apply(on_requested(states.peek(req.id), req, now), states, rec.partition)
+            dispatch_topic = (
+                self.topic(site_topic(req.site_id, "dispatch"))
+                if req.site_topics and req.site_id
+                else self.dispatch_topic
+            )
+            step = on_requested(states.peek(req.id), req, now)
+            return self.apply(step, states, rec.partition, dispatch_topic)
         try:
             result = self.result_decoder.decode(rec.value or b"")
         except msgspec.MsgspecError as exc:
@@ -125,9 +136,14 @@ class Controller:
         return outputs
 
     def apply(
-        self, step: Step, states: KeyedState[CommandState], partition: int | None = None
+        self,
+        step: Step,
+        states: KeyedState[CommandState],
+        partition: int | None = None,
+        dispatch_topic: str | None = None,
     ) -> list[Output]:
-        """Record a transition's new state; return its dispatch and events to send."""
+        """Record a transition's new state; return its dispatch (to `dispatch_topic`, by
+        default control.dispatch) and events to send."""
         state, events, dispatch = step
         if state is None or not events:
             return []
@@ -135,7 +151,8 @@ class Controller:
         outputs = []
         if dispatch is not None:
             key = dispatch.device_id.encode()
-            outputs.append(Output(self.dispatch_topic, key, msgspec.json.encode(dispatch)))
+            topic = dispatch_topic or self.dispatch_topic
+            outputs.append(Output(topic, key, msgspec.json.encode(dispatch)))
         for e in events:
             log.info(
                 "command %s on %s: %s%s",
@@ -178,7 +195,14 @@ def create_app(s: Settings) -> FastStream:
 
     broker.publisher(
         controller.dispatch_topic,
-        description="Commands for devices to execute, keyed by device id.",
+        description="Commands for devices to execute, keyed by device id, for devices of "
+        "sites without topics of their own.",
+    )
+    broker.publisher(
+        controller.topic(site_topic("{site}", "dispatch")),
+        description="Commands for the devices of a site with topics of its own (`microgrid "
+        "keys create --site SITE --kafka`), keyed by device id; only that site's principals "
+        "may read it.",
     )
     broker.publisher(
         controller.events_topic,

@@ -55,7 +55,9 @@ def validate_record(
     site_id = readings[0].site_id
     if any(r.site_id != site_id for r in readings):
         return Invalid(f"readings of device {device_id!r} for several sites in one record")
-    if key is not None and key != device_id.encode():
+    if key is None:  # unkeyed records would scatter a device's readings over partitions
+        return Invalid(f"record without a key: key each record by its device id ({device_id!r})")
+    if key != device_id.encode():
         return Invalid(f"record key {key[:80]!r} is not the readings' device id {device_id!r}")
     for i, r in enumerate(readings):
         reason = check_time_window(r, now, window)

@@ -1,9 +1,14 @@
-"""Validator group: `telemetry.raw` -> `telemetry.valid` (normalized) or `telemetry.dlq` (reason).
+"""Validator group: `telemetry.raw` and each site's `site.<site>.telemetry` -> `telemetry.valid`
+(normalized) or `telemetry.dlq` (reason); each site's `site.<site>.results` -> `control.results`
+or `control.dlq`.
 
 Besides the readings' own checks (`validation.py`), each device must belong to the site its
 readings name (the registry, `runtime.devices`): the gateway checked this for HTTP devices;
 for devices producing straight to Kafka it is checked here, and their records for another
-site's device are dead-lettered.
+site's device are dead-lettered. On a site's own topics the site is the topic's, which only
+that site's principals may write (the broker's ACLs): a reading naming another site, or a
+reply from another site's device, is dead-lettered. The site topics are followed by pattern,
+so a site given topics later is picked up within VALIDATOR_TOPIC_REFRESH_S.
 
 Offsets are committed only after every output record of a poll is acknowledged; a crash
 re-validates from the last commit, and the projection drops the repeats (source offset headers).
@@ -15,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from faststream import FastStream
@@ -25,6 +32,8 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from psycopg_pool import AsyncConnectionPool
 
 from contracts import Groups, Headers, TimeWindow, Topics
+from contracts.control import CommandResult
+from contracts.topics import SITE_ID_PATTERN
 from runtime.devices import DeviceOwners, RegistryUnavailable
 from runtime.dlq import dlq_headers
 from runtime.kafka import RenewableProducer, broker_security
@@ -54,6 +63,10 @@ class RecordRouter:
         self.lag_task: asyncio.Task[None] | None = None
         self.valid = s.topic(Topics.TELEMETRY_VALID)
         self.dlq = s.topic(Topics.TELEMETRY_DLQ)
+        self.results = s.topic(Topics.CONTROL_RESULTS)
+        self.control_dlq = s.topic(Topics.CONTROL_DLQ)
+        self.sources = Sources(s)
+        self.result_decoder = msgspec.json.Decoder(CommandResult)
         self.window = TimeWindow(
             max_future=timedelta(seconds=s.max_future_skew_s),
             max_age=timedelta(seconds=s.max_reading_age_s),
@@ -87,26 +100,45 @@ class RecordRouter:
         producer = self.producer.producer
         assert producer is not None, "RecordRouter.start() first"
         now = datetime.now(UTC)
-        verdicts = [validate_record(rec.key, rec.value, now, self.window) for rec in records]
+        verdicts: list[Valid | Invalid | Reply | BadReply] = []
+        for rec in records:
+            site, kind = self.sources.of(rec.topic)
+            if kind == "results":
+                verdicts.append(self._reply(rec, site))
+                continue
+            read = validate_record(rec.key, rec.value, now, self.window)
+            if isinstance(read, Valid) and site is not None and read.site_id != site:
+                read = Invalid(f"readings for site {read.site_id!r} on the topic of site {site!r}")
+            verdicts.append(read)
         owners = await self._owners(verdicts)
         pending = []
-        for rec, verdict in zip(records, verdicts, strict=True):
-            owner = owners.get(verdict.device_id) if isinstance(verdict, Valid) else None
-            if isinstance(verdict, Valid) and owner != verdict.site_id:
-                verdict = Invalid(
-                    f"device {verdict.device_id!r} is not registered (DEVICE_REGISTRATION=admin)"
-                    if owner is None
-                    else f"device {verdict.device_id!r} belongs to another site than"
-                    f" {verdict.site_id!r}"
-                )
+        for rec, checked in zip(records, verdicts, strict=True):
+            verdict = checked
+            if isinstance(verdict, Valid | Reply):
+                owner = owners.get(verdict.device_id)
+                if owner != verdict.site_id:
+                    reason = (
+                        f"device {verdict.device_id!r} is not registered"
+                        if owner is None
+                        else f"device {verdict.device_id!r} belongs to another site than"
+                        f" {verdict.site_id!r}"
+                    )
+                    verdict = BadReply(reason) if isinstance(verdict, Reply) else Invalid(reason)
             if isinstance(verdict, Valid):
                 headers = [
                     (Headers.SOURCE_PARTITION, str(rec.partition).encode()),
                     (Headers.SOURCE_OFFSET, str(rec.offset).encode()),
                 ]
+                if rec.topic != self.sources.raw:  # offsets of telemetry.raw need no topic
+                    headers.append((Headers.SOURCE_TOPIC, rec.topic.encode()))
                 fut = await producer.send(
                     self.valid, verdict.value, key=verdict.device_id.encode(), headers=headers
                 )
+                outcome = "valid"
+            elif isinstance(verdict, Reply):
+                key = verdict.device_id.encode()
+                fut = await producer.send(self.results, rec.value, key=key)
+                outcome = "reply"
             else:
                 log.warning(
                     "dead-lettered %s[%d]@%d: %s",
@@ -118,12 +150,28 @@ class RecordRouter:
                 headers = dlq_headers(
                     verdict.reason, self.group, rec.topic, rec.partition, rec.offset
                 )
-                fut = await producer.send(self.dlq, rec.value, key=rec.key, headers=headers)
+                dlq = self.control_dlq if isinstance(verdict, BadReply) else self.dlq
+                fut = await producer.send(dlq, rec.value, key=rec.key, headers=headers)
+                outcome = "dlq"
             pending.append(fut)
-            RECORDS.labels(self.group, "valid" if isinstance(verdict, Valid) else "dlq").inc()
+            RECORDS.labels(self.group, outcome).inc()
         await asyncio.gather(*pending)
 
-    async def _owners(self, verdicts: list[Valid | Invalid]) -> dict[str, str]:
+    def _reply(self, rec: ConsumerRecord[bytes, bytes], site: str | None) -> Reply | BadReply:
+        """A device's reply on its site's results topic, before its device is checked."""
+        assert site is not None
+        try:
+            result = self.result_decoder.decode(rec.value or b"")
+        except msgspec.MsgspecError as exc:
+            return BadReply(f"undecodable command result: {exc}")
+        if not result.id or not result.device_id:
+            return BadReply("a reply on Kafka names its command (id) and device_id")
+        if rec.key != result.device_id.encode():
+            key = (rec.key or b"")[:80]
+            return BadReply(f"record key {key!r} is not the reply's device id {result.device_id!r}")
+        return Reply(result.device_id, site)
+
+    async def _owners(self, verdicts: list[Valid | Invalid | Reply | BadReply]) -> dict[str, str]:
         """The owner site of the valid records' devices; with the first-reading policy a
         device nobody registered is registered to the site its first record names. While
         PostgreSQL cannot answer for a device not cached, the batch waits and is delivered
@@ -131,15 +179,22 @@ class RecordRouter:
         cached = self.devices.owners
         owners: dict[str, str] = {}
         claims: dict[str, str] = {}
+        asks: set[str] = set()  # replies register nobody
         for v in verdicts:
-            if isinstance(v, Valid):
+            if isinstance(v, Valid | Reply):
                 owner = cached.get(v.device_id)
-                if owner is None:
+                if owner is not None:
+                    owners[v.device_id] = owner
+                elif isinstance(v, Valid):
                     claims.setdefault(v.device_id, v.site_id)
                 else:
-                    owners[v.device_id] = owner
-        for site in set(claims.values()):
-            devices = [d for d, s in claims.items() if s == site]
+                    asks.add(v.device_id)
+        lookups: list[tuple[list[str], str | None]] = [
+            ([d for d, s in claims.items() if s == site], site) for site in set(claims.values())
+        ]
+        if asks - claims.keys():
+            lookups.append((sorted(asks - claims.keys()), None))
+        for devices, site in lookups:
             try:
                 found = await self.devices.resolve(devices, site, "first reading, on Kafka")
             except RegistryUnavailable as exc:
@@ -153,6 +208,42 @@ class RecordRouter:
 REGISTRY_RETRY_S = 1.0
 
 
+class Reply(msgspec.Struct, frozen=True):
+    """A reply from a site's results topic whose shape and key are right."""
+
+    device_id: str
+    site_id: str  # the topic's
+
+
+class BadReply(msgspec.Struct, frozen=True):
+    """A reply from a site's results topic that goes to control.dlq."""
+
+    reason: str
+
+
+class Sources:
+    """Which topics the validator reads, and what each record's topic says: (site, kind) with
+    site None for `telemetry.raw` and kind "telemetry" or "results"."""
+
+    def __init__(self, s: Settings) -> None:
+        self.raw = s.topic(Topics.TELEMETRY_RAW)
+        ns = re.escape(s.kafka_namespace)
+        self.pattern = (
+            rf"^{ns}(?:{re.escape(Topics.TELEMETRY_RAW)}"
+            rf"|site\.({SITE_ID_PATTERN})\.(telemetry|results))$"
+        )
+        self._regex = re.compile(self.pattern)
+        self._known: dict[str, tuple[str | None, str]] = {self.raw: (None, "telemetry")}
+
+    def of(self, topic: str) -> tuple[str | None, str]:
+        known = self._known.get(topic)
+        if known is None:
+            match = self._regex.match(topic)
+            assert match is not None, f"subscribed to {topic!r} by mistake"
+            known = self._known[topic] = (match[1], match[2])
+        return known
+
+
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
         s.kafka_bootstrap_servers,
@@ -160,11 +251,12 @@ def create_app(s: Settings) -> FastStream:
         allow_auto_create_topics=False,  # the admin makes topics; components may not
         client_id="microgrid-validator",
         log_level=logging.DEBUG,  # per-batch "Received/Processed" lines only in debug
+        metadata_max_age_ms=int(s.validator_topic_refresh_s * 1000),  # sites' new topics
     )
     router = RecordRouter(s)
 
     @broker.subscriber(
-        s.topic(Topics.TELEMETRY_RAW),
+        pattern=router.sources.pattern,
         group_id=router.group,
         **REDELIVERED_BATCHES,
         max_records=s.validator_max_records,
@@ -174,7 +266,8 @@ def create_app(s: Settings) -> FastStream:
         auto_offset_reset="earliest",
     )
     async def validate_raw_records(body: Any, msg: KafkaMessage) -> None:
-        """Readings as sent by devices: one reading, or a batch of one device's readings."""
+        """Readings as sent by devices (one reading, or a batch of one device's readings) on
+        telemetry.raw and sites' telemetry topics; devices' replies on sites' results topics."""
         await router.route(msg.raw_message)
 
     # Declared for the AsyncAPI document; RecordRouter's producer sends the records.
@@ -182,6 +275,17 @@ def create_app(s: Settings) -> FastStream:
         s.topic(Topics.TELEMETRY_VALID),
         description="Validated readings, one batch per record, keyed by device id; headers "
         f"{Headers.SOURCE_PARTITION} and {Headers.SOURCE_OFFSET} name the raw record.",
+    )
+    broker.publisher(
+        s.topic(Topics.CONTROL_RESULTS),
+        description="Devices' replies from sites' results topics, unchanged, keyed by device "
+        "id, once the device is known to belong to the topic's site.",
+    )
+    broker.publisher(
+        s.topic(Topics.CONTROL_DLQ),
+        description="Replies from sites' results topics that were refused (undecodable, no "
+        "command id or device id, a key other than the device id, a device not registered or "
+        "of another site), unchanged, with the dead-letter headers.",
     )
     broker.publisher(
         s.topic(Topics.TELEMETRY_DLQ),

@@ -32,10 +32,19 @@ async def produce(s: Settings, records: Sequence[tuple[bytes | None, bytes]]) ->
 
 
 async def dead_letters(
-    s: Settings, key: bytes, want: int, wait_s: float = 30
+    s: Settings,
+    key: bytes | None,
+    want: int,
+    wait_s: float = 30,
+    value: bytes | None = None,
+    topic: str = Topics.TELEMETRY_DLQ,
+    source: str | None = None,
 ) -> list[ConsumerRecord[bytes, bytes]]:
+    """The first `want` dead letters on `topic` with this key (and value; from the topic
+    `source`, when given)."""
+    origin = None if source is None else s.topic(source).encode()
     consumer = AIOKafkaConsumer(
-        s.topic(Topics.TELEMETRY_DLQ),
+        s.topic(topic),
         **s.kafka_client,
         auto_offset_reset="earliest",
         group_id=f"test-dlq-{uuid.uuid4().hex[:6]}",
@@ -46,7 +55,14 @@ async def dead_letters(
         deadline = time.monotonic() + wait_s
         while len(found) < want and time.monotonic() < deadline:
             polled = await consumer.getmany(timeout_ms=500)
-            found += [r for recs in polled.values() for r in recs if r.key == key]
+            found += [
+                r
+                for recs in polled.values()
+                for r in recs
+                if r.key == key
+                and (value is None or r.value == value)
+                and (origin is None or dict(r.headers).get(Headers.DLQ_SOURCE_TOPIC) == origin)
+            ]
     finally:
         await consumer.stop()
     return found
@@ -63,8 +79,7 @@ def test_plain_kafka_producer_records_are_stored(
             [
                 (single.encode(), json.dumps(reading(single, "site-k")).encode()),
                 (batched.encode(), json.dumps(batch).encode()),
-                # Keyless single-device records are accepted too.
-                (None, json.dumps(reading(single, "site-k", seq=1)).encode()),
+                (single.encode(), json.dumps(reading(single, "site-k", seq=1)).encode()),
             ],
         )
     )
@@ -82,14 +97,20 @@ def test_garbage_goes_to_dlq_with_reason_and_partition_keeps_flowing(
         json.dumps(reading("someone-else", "s")).encode(),  # key says another device
         json.dumps(reading(device, "s", ts="1999-01-01T00:00:00Z")).encode(),
     ]
+    # a record without a key would skip the key check: refused too (found by its value)
+    unkeyed = json.dumps(reading(device, "s", seq=7)).encode()
     asyncio.run(
         produce(
-            stack, [(key, g) for g in garbage] + [(key, json.dumps(reading(device, "s")).encode())]
+            stack,
+            [(key, g) for g in garbage]
+            + [(None, unkeyed), (key, json.dumps(reading(device, "s")).encode())],
         )
     )
     wait_for(lambda: stored_count(db, [device]) == (1, 1), what="good record after garbage")
     letters = asyncio.run(dead_letters(stack, key, want=4))
     assert [r.value for r in letters] == garbage
+    loose = asyncio.run(dead_letters(stack, None, want=1, value=unkeyed))
+    assert "without a key" in dict(loose[0].headers)[Headers.DLQ_REASON].decode()
     reasons = []
     for r in letters:
         headers = {k: v.decode() for k, v in r.headers}

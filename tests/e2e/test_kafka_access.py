@@ -43,8 +43,8 @@ async def consume(s: Settings, topic: str, group: str | None) -> None:
         enable_auto_commit=False,
         request_timeout_ms=5000,
     )
-    await consumer.start()
     try:
+        await consumer.start()
         await consumer.getmany(timeout_ms=2000)
         if group is not None:
             await consumer.commit()

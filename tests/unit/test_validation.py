@@ -37,12 +37,12 @@ def test_single_reading_is_normalized_to_a_batch() -> None:
 
 def test_batch_of_one_device_is_valid() -> None:
     value = b'{"readings": [' + enc(seq=1) + b"," + enc(seq=2) + b"]}"
-    verdict = validate_record(None, value, NOW, WINDOW)
+    verdict = validate_record(b"inv-1", value, NOW, WINDOW)
     assert isinstance(verdict, Valid) and verdict.count == 2
 
 
 def test_site_named_readings_is_still_a_single_reading() -> None:
-    assert isinstance(validate_record(None, enc(site_id="readings"), NOW, WINDOW), Valid)
+    assert isinstance(validate_record(b"inv-1", enc(site_id="readings"), NOW, WINDOW), Valid)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +55,7 @@ def test_site_named_readings_is_still_a_single_reading() -> None:
         (b"inv-1", enc(ts="2026-11-27T11:59:00"), "timezone"),
         (b"inv-1", enc(colour="red"), "unknown field"),
         (b"other", enc(), "not the readings' device id"),
+        (None, enc(), "without a key"),
         (b"inv-1", enc(ts="2026-11-27T12:30:00Z"), "in the future"),
         (b"inv-1", enc(ts="2026-11-01T00:00:00Z"), "older than"),
         (None, b'{"readings": [' + enc() + b"," + enc(device_id="inv-2") + b"]}", "several"),
@@ -79,7 +80,7 @@ def test_arbitrary_bytes_never_raise(value: bytes) -> None:
 def test_physical_ranges_are_enforced_at_decode(value: float, metric: str) -> None:
     limits = {"soc_pct": (0, 100), "frequency_hz": (40, 70), "voltage_v": (0, 50_000)}
     low, high = limits[metric]
-    verdict = validate_record(None, enc(**{metric: value}), NOW, WINDOW)
+    verdict = validate_record(b"inv-1", enc(**{metric: value}), NOW, WINDOW)
     assert isinstance(verdict, Valid) == (low <= value <= high)
 
 
