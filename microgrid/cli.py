@@ -241,6 +241,7 @@ def _create_kafka_principal(site: str) -> None:
         AccessError,
         check_site_id,
         create_site_principal,
+        librdkafka_config,
         revoke_site_principal,
     )
     from runtime.keys import record_kafka_principal
@@ -271,8 +272,11 @@ def _create_kafka_principal(site: str) -> None:
                 f" {topics['results']}, keyed by device id;",
                 f"# consume commands from {topics['dispatch']} in a group named"
                 f" {s.group(site_group_prefix(site))}<anything>",
-                f"bootstrap.servers={s.kafka_bootstrap_servers}",
-                "security.protocol=SASL_PLAINTEXT",
+                *(
+                    f"{name}={value}"
+                    for name, value in librdkafka_config(s).items()
+                    if not name.startswith("sasl.")
+                ),
                 "sasl.mechanisms=SCRAM-SHA-512",
                 f"sasl.username={user}",
                 f"sasl.password={password}",

@@ -9,6 +9,7 @@ import base64
 import glob
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -120,7 +121,12 @@ class Kafka:
 
     def _write_config(self) -> Path:
         cfg = self.home / "server.properties"
-        ctl = self.s.kafka_controller_port
+        ctl, tls = self.s.kafka_controller_port, self.s.kafka_tls_port
+        keystore, store_password = self._certificate()
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required"
+            f' username="{self.s.kafka_username}" password="{self.s.kafka_password}";'
+        )
         cfg.write_text(
             "\n".join(
                 [
@@ -129,18 +135,23 @@ class Kafka:
                     f"controller.quorum.voters=1@127.0.0.1:{ctl}",
                     # clients: SASL/SCRAM only; the KRaft controller listener stays on
                     # loopback without SASL (SCRAM cannot serve it), its peers ANONYMOUS
+                    # (and the same with TLS on KAFKA_TLS_PORT)
                     f"listeners=SASL_PLAINTEXT://127.0.0.1:{self.port},"
-                    f"CONTROLLER://127.0.0.1:{ctl}",
-                    f"advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{self.port}",
+                    f"SASL_SSL://127.0.0.1:{tls},CONTROLLER://127.0.0.1:{ctl}",
+                    f"advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{self.port},"
+                    f"SASL_SSL://127.0.0.1:{tls}",
                     "controller.listener.names=CONTROLLER",
                     "listener.security.protocol.map="
-                    "CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+                    "CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL",
                     "inter.broker.listener.name=SASL_PLAINTEXT",
                     "sasl.enabled.mechanisms=SCRAM-SHA-512",
                     "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
-                    "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config="
-                    "org.apache.kafka.common.security.scram.ScramLoginModule required"
-                    f' username="{self.s.kafka_username}" password="{self.s.kafka_password}";',
+                    "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=" + jaas,
+                    "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=" + jaas,
+                    f"listener.name.sasl_ssl.ssl.keystore.location={keystore}",
+                    f"listener.name.sasl_ssl.ssl.keystore.password={store_password}",
+                    f"listener.name.sasl_ssl.ssl.key.password={store_password}",
+                    "listener.name.sasl_ssl.ssl.keystore.type=PKCS12",
                     "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
                     "allow.everyone.if.no.acl.found=false",
                     f"super.users=User:{self.s.kafka_username};User:ANONYMOUS",
@@ -177,6 +188,70 @@ class Kafka:
         )
         return cfg
 
+    @property
+    def ca_file(self) -> Path:
+        """The local broker's certificate, which TLS clients trust (KAFKA_TLS_CAFILE)."""
+        return self.home / "tls" / "ca.pem"
+
+    def _certificate(self) -> tuple[Path, str]:
+        """The TLS listener's key and self-signed certificate for 127.0.0.1 (a PKCS12 keystore,
+        and the certificate as PEM for clients), made once with the JDK's keytool; returns the
+        keystore and its password."""
+        tls = self.home / "tls"
+        keystore, secret = tls / "broker.p12", tls / "keystore.password"
+        if keystore.exists() and secret.exists() and self.ca_file.exists():
+            return keystore, secret.read_text().strip()
+        keytool = shutil.which("keytool")
+        if keytool is None:
+            raise StackError(
+                "keytool not found: install a Java 17 JDK (apt-get install default-jdk)"
+            )
+        tls.mkdir(parents=True, exist_ok=True)
+        keystore.unlink(missing_ok=True)
+        password = secrets.token_urlsafe(24)
+        store = ["-keystore", str(keystore), "-storetype", "PKCS12", "-storepass", password]
+        subprocess.run(
+            [
+                keytool,
+                "-genkeypair",
+                "-alias",
+                "broker",
+                "-keyalg",
+                "EC",
+                "-groupname",
+                "secp256r1",
+                "-sigalg",
+                "SHA256withECDSA",
+                "-dname",
+                "CN=127.0.0.1",
+                "-ext",
+                "SAN=ip:127.0.0.1,dns:localhost",
+                "-ext",
+                "BC:c=ca:true",
+                "-validity",
+                "3650",
+                *store,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                keytool,
+                "-exportcert",
+                "-rfc",
+                "-alias",
+                "broker",
+                "-file",
+                str(self.ca_file),
+                *store,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        secret.write_text(password)
+        return keystore, password
+
     def _java(self, *args: str) -> list[str]:
         return [
             "java",
@@ -194,8 +269,18 @@ class Kafka:
         return _status(self.name, self.port, self.pidfile)
 
     def up(self) -> None:
+        if self.s.kafka_tls:
+            raise StackError(
+                "`stack up` takes the local broker's SASL_PLAINTEXT port from"
+                " KAFKA_BOOTSTRAP_SERVERS: run it without KAFKA_TLS. Its TLS listener is"
+                f" 127.0.0.1:{self.s.kafka_tls_port} (KAFKA_TLS_PORT), whose certificate"
+                f" clients trust with KAFKA_TLS_CAFILE={self.ca_file}"
+            )
         if _read_pid(self.pidfile) and port_open(self.port):
-            return
+            if port_open(self.s.kafka_tls_port):
+                return
+            print("restarting the local broker to add its TLS listener")
+            self.down()
         if port_open(self.port):  # something already serves Kafka on this port: use it if
             self._check_credentials()  # it takes our credentials
             return

@@ -303,6 +303,10 @@ async def read_table(
 
 def broker_security(s: Settings) -> SASLScram512:
     """FastStream's form of `Settings.kafka_client`'s authentication."""
+    if s.kafka_tls:
+        return SASLScram512(
+            s.kafka_username, s.kafka_password, ssl_context=s.kafka_ssl_context(), use_ssl=True
+        )
     return SASLScram512(s.kafka_username, s.kafka_password)
 
 

@@ -101,15 +101,21 @@ assert set(ACCESS) == set(SERVICE_PRINCIPALS), "every service principal has its 
 
 
 def admin_client(s: Settings) -> AdminClient:
-    return AdminClient(
-        {
-            "bootstrap.servers": s.kafka_bootstrap_servers,
-            "security.protocol": "SASL_PLAINTEXT",
-            "sasl.mechanism": "SCRAM-SHA-512",
-            "sasl.username": s.kafka_username,
-            "sasl.password": s.kafka_password,
-        }
-    )
+    return AdminClient(librdkafka_config(s))
+
+
+def librdkafka_config(s: Settings) -> dict[str, str | int | float | bool]:
+    """`Settings.kafka_client` in librdkafka's terms (confluent-kafka, kcat -F)."""
+    config: dict[str, str | int | float | bool] = {
+        "bootstrap.servers": s.kafka_bootstrap_servers,
+        "security.protocol": "SASL_SSL" if s.kafka_tls else "SASL_PLAINTEXT",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": s.kafka_username,
+        "sasl.password": s.kafka_password,
+    }
+    if s.kafka_tls and s.kafka_tls_cafile:
+        config["ssl.ca.location"] = s.kafka_tls_cafile
+    return config
 
 
 def _allow(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,10 @@ class Settings(BaseSettings):
     kafka_projector_password: str = DEV_KAFKA_PASSWORDS["projector"]
     kafka_api_password: str = DEV_KAFKA_PASSWORDS["api"]
     kafka_simulator_password: str = DEV_KAFKA_PASSWORDS["simulator"]
+    # TLS to the broker (SASL_SSL): for brokers off this host. The local stack serves it on
+    # KAFKA_TLS_PORT with a certificate of its own (.stack/kafka/tls/ca.pem).
+    kafka_tls: bool = False
+    kafka_tls_cafile: str = Field("", description="PEM CA file for the broker; empty: system's")
 
     # Kafka layout
     kafka_namespace: str = Field("", description="prefix for topic names and group ids")
@@ -147,6 +152,7 @@ class Settings(BaseSettings):
     # Local stack (`microgrid stack`)
     stack_dir: Path = PROJECT_ROOT / ".stack"
     kafka_controller_port: int = 9093
+    kafka_tls_port: int = 9094  # the local broker's SASL_SSL listener
     kafka_heap: str = "1g"
 
     @property
@@ -177,13 +183,20 @@ class Settings(BaseSettings):
     @property
     def kafka_client(self) -> dict[str, Any]:
         """Connection and authentication arguments of every aiokafka client."""
+        tls = {"ssl_context": self.kafka_ssl_context()} if self.kafka_tls else {}
         return {
             "bootstrap_servers": self.kafka_bootstrap_servers,
-            "security_protocol": "SASL_PLAINTEXT",
+            "security_protocol": "SASL_SSL" if self.kafka_tls else "SASL_PLAINTEXT",
             "sasl_mechanism": "SCRAM-SHA-512",
             "sasl_plain_username": self.kafka_username,
             "sasl_plain_password": self.kafka_password,
+            **tls,
         }
+
+    def kafka_ssl_context(self) -> ssl.SSLContext:
+        """Verifies the broker's certificate and host name against KAFKA_TLS_CAFILE (or the
+        system's CAs)."""
+        return ssl.create_default_context(cafile=self.kafka_tls_cafile or None)
 
     def service_credentials(self, component: str) -> tuple[str, str]:
         """The Kafka principal and password a platform component connects with."""

@@ -93,6 +93,31 @@ def test_anonymous_clients_and_wrong_passwords_are_refused(stack: Settings) -> N
     assert asyncio.run(refused(produce(ok, Topics.TELEMETRY_VALID))) is None
 
 
+def test_the_tls_listener_proves_itself_and_authenticates(stack: Settings) -> None:
+    tls = stack.model_copy(
+        update={
+            "kafka_tls": True,
+            "kafka_bootstrap_servers": f"127.0.0.1:{stack.kafka_tls_port}",
+            "kafka_tls_cafile": str(stack.stack_dir / "kafka" / "tls" / "ca.pem"),
+        }
+    )
+    assert (
+        asyncio.run(refused(produce(as_principal(tls, "validator"), Topics.TELEMETRY_VALID)))
+        is None
+    )
+    # over TLS too: wrong passwords and other principals' topics are refused
+    wrong = as_principal(tls, "validator", password="not-the-password")
+    assert asyncio.run(refused(produce(wrong, Topics.TELEMETRY_VALID))) is not None
+    gateway = as_principal(tls, "gateway")
+    assert (
+        asyncio.run(refused(produce(gateway, Topics.TELEMETRY_VALID)))
+        is TopicAuthorizationFailedError
+    )
+    # a client that does not trust the broker's certificate does not talk to it
+    untrusting = as_principal(tls.model_copy(update={"kafka_tls_cafile": ""}), "validator")
+    assert asyncio.run(refused(produce(untrusting, Topics.TELEMETRY_VALID))) is not None
+
+
 WRITES = [
     # (principal, topic, allowed)
     ("validator", Topics.TELEMETRY_VALID, True),
