@@ -142,14 +142,28 @@ def _ensure_topics(s: Settings, credentials: bool = True) -> list[str]:
     from aiokafka.errors import KafkaError
 
     from runtime.kafka import ensure_topics
-    from runtime.kafka_access import AccessError, ensure_access
+    from runtime.kafka_access import AccessError, ensure_access, ensure_site_access
 
     try:
         created = asyncio.run(ensure_topics(s))
         ensure_access(s, credentials=credentials)
+        ensure_site_access(s, _kafka_sites(s))
     except (KafkaError, AccessError) as exc:
         _fail(f"Kafka at {s.kafka_bootstrap_servers} is not usable ({exc!r}); is the stack up?")
     return created
+
+
+def _kafka_sites(s: Settings) -> list[str]:
+    """The sites with topics of their own (a Kafka principal was made for them); none while
+    the database is unreachable or not migrated yet."""
+    import psycopg
+
+    try:
+        with psycopg.connect(s.database_url, connect_timeout=5) as conn:
+            rows = conn.execute("SELECT DISTINCT site_id FROM kafka_principals ORDER BY 1")
+            return [row[0] for row in rows]
+    except psycopg.Error:
+        return []
 
 
 @app.command()

@@ -171,21 +171,18 @@ def ensure_access(s: Settings, credentials: bool = True) -> None:
         raise AccessError(f"the broker refused the principals or ACLs: {exc}") from exc
 
 
+def matching(b: AclBinding) -> AclBindingFilter:
+    """The filter that finds (or deletes) exactly this ACL."""
+    return AclBindingFilter(
+        b.restype, b.name, b.resource_pattern_type, b.principal, b.host, b.operation,
+        b.permission_type,
+    )  # fmt: skip
+
+
 def remove_access(s: Settings) -> None:
     """Delete the ACLs of `s`'s namespace (a test session's, when it ends)."""
     admin = admin_client(s)
-    filters = [
-        AclBindingFilter(
-            b.restype,
-            b.name,
-            b.resource_pattern_type,
-            b.principal,
-            b.host,
-            b.operation,
-            b.permission_type,
-        )
-        for b in acl_bindings(s)
-    ]
+    filters = [matching(b) for b in acl_bindings(s)]
     for future in admin.delete_acls(filters).values():
         future.result(timeout=TIMEOUT_S)
 
@@ -241,11 +238,33 @@ def create_site_principal(s: Settings, site_id: str) -> tuple[str, str]:
         upsert = UserScramCredentialUpsertion(user, info, password.encode())
         for future in admin.alter_user_scram_credentials([upsert]).values():
             future.result(timeout=TIMEOUT_S)
+    except KafkaException as exc:
+        raise AccessError(f"the broker refused the site's principal: {exc}") from exc
+    try:
         for future in admin.create_acls(site_acl_bindings(s, site_id, user)).values():
             future.result(timeout=TIMEOUT_S)
     except KafkaException as exc:
-        raise AccessError(f"the broker refused the site's principal or ACLs: {exc}") from exc
+        revoke_site_principal(s, user)  # no principal is left behind that nothing records
+        raise AccessError(f"the broker refused the site's ACLs: {exc}") from exc
     return user, password
+
+
+def ensure_site_access(s: Settings, sites: list[str]) -> None:
+    """The topics of `sites` and the components' ACLs on them, made again where missing (a
+    rebuilt broker, a new namespace): without them the controller could not dispatch to a
+    site's devices, nor the validator read them. Sites' principals are not restored: their
+    passwords are nowhere but with their devices."""
+    for site_id in sites:
+        asyncio.run(ensure_topics(s, site_topic_specs(s, site_id)))
+    bindings = [b for site_id in sites for b in site_acl_bindings(s, site_id)]
+    if not bindings:
+        return
+    admin = admin_client(s)  # held: its futures fail once it is collected
+    try:
+        for future in admin.create_acls(bindings).values():
+            future.result(timeout=TIMEOUT_S)
+    except KafkaException as exc:
+        raise AccessError(f"the broker refused the ACLs on sites' topics: {exc}") from exc
 
 
 def revoke_site_principal(s: Settings, user: str) -> None:

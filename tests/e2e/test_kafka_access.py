@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import (
     GroupAuthorizationFailedError,
+    KafkaConnectionError,
     KafkaError,
     TopicAuthorizationFailedError,
 )
@@ -27,8 +28,8 @@ def as_principal(s: Settings, component: str | None, password: str | None = None
 
 async def produce(s: Settings, topic: str) -> None:
     producer = AIOKafkaProducer(**s.kafka_client, request_timeout_ms=5000)
-    await producer.start()
     try:
+        await producer.start()
         await producer.send_and_wait(s.topic(topic), b'{"probe": true}', key=b"probe")
     finally:
         await producer.stop()
@@ -52,16 +53,33 @@ async def consume(s: Settings, topic: str, group: str | None) -> None:
         await consumer.stop()
 
 
-async def refused(attempt: Coroutine[Any, Any, None]) -> type[BaseException] | None:
-    """The type of error the attempt ended with, None if it succeeded."""
+async def refusal(attempt: Coroutine[Any, Any, None]) -> BaseException | None:
+    """The error the attempt ended with, None if it succeeded."""
     try:
         await asyncio.wait_for(attempt, 30)
     except (KafkaError, OSError) as exc:
-        return type(exc)
+        return exc
     return None
 
 
-def test_anonymous_clients_and_wrong_passwords_are_refused(stack: Settings) -> None:
+async def refused(attempt: Coroutine[Any, Any, None]) -> type[BaseException] | None:
+    """The type of error the attempt ended with, None if it succeeded."""
+    error = await refusal(attempt)
+    return None if error is None else type(error)
+
+
+def assert_refused_for(
+    error: BaseException | None, caplog: pytest.LogCaptureFixture, reason: str
+) -> None:
+    """The client could not connect (not a timeout, not another failure), and the reason the
+    client logged is `reason` (aiokafka raises only "Unable to bootstrap")."""
+    assert isinstance(error, KafkaConnectionError), error
+    assert reason in caplog.text, f"{reason} not in the client's log"
+
+
+def test_anonymous_clients_and_wrong_passwords_are_refused(
+    stack: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     async def anonymous_produce() -> None:
         producer = AIOKafkaProducer(
             bootstrap_servers=stack.kafka_bootstrap_servers, request_timeout_ms=5000
@@ -84,16 +102,20 @@ def test_anonymous_clients_and_wrong_passwords_are_refused(stack: Settings) -> N
         finally:
             await consumer.stop()
 
-    assert asyncio.run(refused(anonymous_produce())) is not None
-    assert asyncio.run(refused(anonymous_consume())) is not None
+    # the broker closes a connection that does not start with SASL: no bootstrap
+    assert asyncio.run(refused(anonymous_produce())) is KafkaConnectionError
+    assert asyncio.run(refused(anonymous_consume())) is KafkaConnectionError
     wrong = as_principal(stack, "validator", password="not-the-password")
-    assert asyncio.run(refused(produce(wrong, Topics.TELEMETRY_VALID))) is not None
+    error = asyncio.run(refusal(produce(wrong, Topics.TELEMETRY_VALID)))
+    assert_refused_for(error, caplog, "SaslAuthenticationFailed")
     # the marker that the broker answers at all: the validator itself may write there
     ok = as_principal(stack, "validator")
     assert asyncio.run(refused(produce(ok, Topics.TELEMETRY_VALID))) is None
 
 
-def test_the_tls_listener_proves_itself_and_authenticates(stack: Settings) -> None:
+def test_the_tls_listener_proves_itself_and_authenticates(
+    stack: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     tls = stack.model_copy(
         update={
             "kafka_tls": True,
@@ -107,7 +129,8 @@ def test_the_tls_listener_proves_itself_and_authenticates(stack: Settings) -> No
     )
     # over TLS too: wrong passwords and other principals' topics are refused
     wrong = as_principal(tls, "validator", password="not-the-password")
-    assert asyncio.run(refused(produce(wrong, Topics.TELEMETRY_VALID))) is not None
+    error = asyncio.run(refusal(produce(wrong, Topics.TELEMETRY_VALID)))
+    assert_refused_for(error, caplog, "SaslAuthenticationFailed")
     gateway = as_principal(tls, "gateway")
     assert (
         asyncio.run(refused(produce(gateway, Topics.TELEMETRY_VALID)))
@@ -115,7 +138,8 @@ def test_the_tls_listener_proves_itself_and_authenticates(stack: Settings) -> No
     )
     # a client that does not trust the broker's certificate does not talk to it
     untrusting = as_principal(tls.model_copy(update={"kafka_tls_cafile": ""}), "validator")
-    assert asyncio.run(refused(produce(untrusting, Topics.TELEMETRY_VALID))) is not None
+    error = asyncio.run(refusal(produce(untrusting, Topics.TELEMETRY_VALID)))
+    assert_refused_for(error, caplog, "CERTIFICATE_VERIFY_FAILED")
 
 
 WRITES = [

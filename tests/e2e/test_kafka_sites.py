@@ -25,7 +25,13 @@ from runtime.settings import Settings
 from tests.conftest import Components, wait_for
 from tests.e2e.test_control import command, detail, settled
 from tests.e2e.test_ingest_kafka import dead_letters
-from tests.e2e.test_kafka_access import consume, produce, refused
+from tests.e2e.test_kafka_access import (
+    assert_refused_for,
+    consume,
+    produce,
+    refusal,
+    refused,
+)
 from tests.support import microgrid_cli, new_device, reading
 
 
@@ -172,6 +178,14 @@ def test_readings_on_a_site_topic_belong_to_that_site(
     assert rows == (1,)  # only its own site's reading
 
 
+def dispatch_of(value: bytes | None) -> CommandDispatch | None:
+    """A dispatch, or None for anything else a device finds on its topic (and ignores)."""
+    try:
+        return msgspec.json.decode(value or b"", type=CommandDispatch)
+    except msgspec.DecodeError:
+        return None
+
+
 async def act_as_devices(
     s: Settings,
     site: str,
@@ -196,7 +210,9 @@ async def act_as_devices(
         while not stop.is_set():
             for recs in (await consumer.getmany(timeout_ms=200)).values():
                 for rec in recs:
-                    d = msgspec.json.decode(rec.value or b"", type=CommandDispatch)
+                    d = dispatch_of(rec.value)
+                    if d is None:
+                        continue
                     seen.append(d)
                     if d.device_id in answers:
                         status = answers[d.device_id]
@@ -243,9 +259,23 @@ def test_commands_go_out_and_come_back_on_the_site_topics(
         # B's command goes out on B's topic; a reply for it forged on A's results topic is
         # dead-lettered and changes nothing
         cid_b = command(platform, tokens["operator"], theirs)
+        wait_for(
+            lambda: detail(platform, tokens["viewer"], cid_b)["status"] == "processing",
+            30,
+            "site B's command dispatched",
+        )
         forged = CommandResult(id=cid_b, device_id=theirs, status="succeeded")
+        nobody = new_device()  # and a reply from a device nobody registered
+        stray = CommandResult(id=cid_b, device_id=nobody, status="succeeded")
         asyncio.run(
-            send(a, site_topic(own, "results"), [(theirs.encode(), msgspec.json.encode(forged))])
+            send(
+                a,
+                site_topic(own, "results"),
+                [
+                    (theirs.encode(), msgspec.json.encode(forged)),
+                    (nobody.encode(), msgspec.json.encode(stray)),
+                ],
+            )
         )
         letters = asyncio.run(
             dead_letters(
@@ -257,6 +287,16 @@ def test_commands_go_out_and_come_back_on_the_site_topics(
             )
         )
         assert f"device {theirs!r} belongs to another site" in reason(letters[0])
+        (unknown,) = asyncio.run(
+            dead_letters(
+                platform.s,
+                nobody.encode(),
+                1,
+                topic=Topics.CONTROL_DLQ,
+                source=site_topic(own, "results"),
+            )
+        )
+        assert f"device {nobody!r} is not registered" in reason(unknown)
         assert detail(platform, tokens["viewer"], cid_b)["status"] == "processing"
     finally:
         stop.set()
@@ -280,15 +320,15 @@ async def _dispatches_of(s: Settings, site: str, cid: str, out: list[CommandDisp
         while not out and time.monotonic() < deadline:
             for recs in (await consumer.getmany(timeout_ms=500)).values():
                 for rec in recs:
-                    d = msgspec.json.decode(rec.value or b"", type=CommandDispatch)
-                    if d.id == cid:
+                    d = dispatch_of(rec.value)
+                    if d is not None and d.id == cid:
                         out.append(d)
     finally:
         await consumer.stop()
 
 
 def test_a_revoked_site_principal_can_no_longer_connect(
-    stack: Settings, sites: dict[str, Settings]
+    stack: Settings, sites: dict[str, Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
     site = site_of(sites["A"])
     spare = new_principal(stack, site)
@@ -298,10 +338,38 @@ def test_a_revoked_site_principal_can_no_longer_connect(
     assert {p["username"]: p["active"] for p in json.loads(listed.stdout)}[spare.kafka_username]
     done = microgrid_cli("keys", "revoke", spare.kafka_username)
     assert done.returncode == 0, done.stderr
-    assert asyncio.run(refused(produce(spare, site_topic(site, "telemetry")))) is not None
+    error = asyncio.run(refusal(produce(spare, site_topic(site, "telemetry"))))
+    assert_refused_for(error, caplog, "SaslAuthenticationFailed")
     listed = microgrid_cli("keys", "list", "--kafka", "--site", site, "--json")
     states = {p["username"]: p["active"] for p in json.loads(listed.stdout)}
     assert states[spare.kafka_username] is False
     assert states[sites["A"].kafka_username] is True
     # the site's other principal keeps working
     assert asyncio.run(refused(produce(sites["A"], site_topic(site, "telemetry")))) is None
+
+
+def test_kafka_setup_restores_the_components_access_to_sites_topics(
+    stack: Settings, sites: dict[str, Settings]
+) -> None:
+    """After a broker lost them (rebuilt, or a new namespace on the same database), `kafka
+    setup` (and `stack up`, `run`) makes the sites' topics' ACLs for the components again."""
+    from runtime.kafka_access import admin_client, matching, site_acl_bindings
+
+    site = site_of(sites["B"])
+    wanted = site_acl_bindings(stack, site)
+    filters = [matching(b) for b in wanted]
+    admin = admin_client(stack)
+
+    def present() -> int:
+        return sum(len(admin.describe_acls(f).result(timeout=30)) for f in filters)
+
+    for future in admin.delete_acls(filters).values():
+        future.result(timeout=30)
+    assert present() == 0
+    controller = stack.as_service("controller")
+    dispatch = site_topic(site, "dispatch")
+    assert asyncio.run(refused(produce(controller, dispatch))) is TopicAuthorizationFailedError
+    done = microgrid_cli("kafka", "setup")
+    assert done.returncode == 0, done.stderr
+    assert present() == len(wanted)
+    assert asyncio.run(refused(produce(controller, dispatch))) is None
