@@ -25,6 +25,7 @@ from runtime.kafka import delete_topics, ensure_topics, topic_specs
 from runtime.kafka_access import ensure_access, remove_access
 from runtime.keys import create_key
 from runtime.settings import PROJECT_ROOT, Settings
+from tests.support import drop_database
 
 RUN_ID = uuid.uuid4().hex[:8]
 
@@ -87,7 +88,7 @@ def stack(base_settings: Settings) -> Iterator[Settings]:
     asyncio.run(delete_topics(s, [t.name for t in topic_specs(s)]))
     remove_access(s)
     with psycopg.connect(base_settings.database_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{test_db}" WITH (FORCE)')
+        drop_database(conn, test_db)
 
 
 class Components:

@@ -88,3 +88,18 @@ async def retrying_post(
         assert time.monotonic() < give_up, f"no 202 within {deadline_s} s"
         on_retry()
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff with jitter
+
+
+def drop_database(conn: psycopg.Connection, name: str, timeout: float = 30.0) -> None:
+    """DROP DATABASE ... WITH (FORCE), again while an autovacuum worker is in it: FORCE may
+    terminate only sessions of roles this one has the rights of, and such a worker has none,
+    so the drop is refused until the worker (busy for milliseconds) has left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -24,7 +24,7 @@ from runtime.settings import Settings
 from tests.conftest import Components, free_port, wait_for
 from tests.e2e.test_alerts import api, rule, send
 from tests.e2e.test_control import answer, command, fetch_next, register, settled
-from tests.support import new_device, reading, stored_count
+from tests.support import drop_database, new_device, reading, stored_count
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
@@ -418,4 +418,4 @@ def test_alerts_notifications_and_commands_rebuild_from_their_topics_alone(
         for table in TABLES:
             assert again[table] == live[table], table
     finally:
-        db.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+        drop_database(db, fresh)
