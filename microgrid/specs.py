@@ -11,6 +11,7 @@ import copy
 import difflib
 import inspect
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,6 @@ def _asyncapi(title: str, factory: Callable[[Settings], Any]) -> dict[str, Any]:
 def expand_patterns(doc: dict[str, Any]) -> dict[str, Any]:
     """Replace a channel whose address is a subscription pattern (`^...$`) by one channel per
     topic of PATTERN_TOPICS that it matches, with its operation and message."""
-    import re
-
     channels, operations = doc.get("channels", {}), doc.get("operations", {})
     messages = doc.get("components", {}).get("messages", {})
     schemas = doc.get("components", {}).get("schemas", {})

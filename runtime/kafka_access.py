@@ -199,37 +199,38 @@ def check_site_id(site_id: str) -> None:
         )
 
 
-def site_acl_bindings(s: Settings, site_id: str, user: str | None = None) -> list[AclBinding]:
-    """The components' ACLs on the site's topics and, for a site principal `user`, its own:
-    write readings and replies, read its dispatch, in groups named `site.<site>.*`. Literal
-    topic ACLs: a prefixed `site.<site>.` one would also let devices write their dispatch."""
-    topic, group = ResourceType.TOPIC, ResourceType.GROUP
+def site_acl_bindings(s: Settings, site_id: str) -> list[AclBinding]:
+    """The components' ACLs on the site's topics: the validator reads its readings and
+    replies, the controller writes its dispatch."""
     read, write = AclOperation.READ, AclOperation.WRITE
-    telemetry = s.topic(site_topic(site_id, "telemetry"))
-    dispatch = s.topic(site_topic(site_id, "dispatch"))
-    results = s.topic(site_topic(site_id, "results"))
     validator, _ = s.service_credentials("validator")
     controller, _ = s.service_credentials("controller")
-    out = [
-        _allow(validator, topic, telemetry, read),
-        _allow(validator, topic, results, read),
-        _allow(controller, topic, dispatch, write),
+    return [
+        _allow(validator, ResourceType.TOPIC, s.topic(site_topic(site_id, "telemetry")), read),
+        _allow(validator, ResourceType.TOPIC, s.topic(site_topic(site_id, "results")), read),
+        _allow(controller, ResourceType.TOPIC, s.topic(site_topic(site_id, "dispatch")), write),
     ]
-    if user is not None:
-        out += [
-            _allow(user, topic, telemetry, write),
-            _allow(user, topic, results, write),
-            _allow(user, topic, dispatch, read),
-            _allow(user, group, s.group(site_group_prefix(site_id)), read, prefix=True),
-        ]
-    return out
+
+
+def site_principal_bindings(s: Settings, site_id: str, user: str) -> list[AclBinding]:
+    """A site principal's ACLs: write readings and replies, read its dispatch, in groups
+    named `site.<site>.*`. Literal topic ACLs: a prefixed `site.<site>.` one would also let
+    devices write their dispatch."""
+    topic, read, write = ResourceType.TOPIC, AclOperation.READ, AclOperation.WRITE
+    return [
+        _allow(user, topic, s.topic(site_topic(site_id, "telemetry")), write),
+        _allow(user, topic, s.topic(site_topic(site_id, "results")), write),
+        _allow(user, topic, s.topic(site_topic(site_id, "dispatch")), read),
+        _allow(user, ResourceType.GROUP, s.group(site_group_prefix(site_id)), read, prefix=True),
+    ]
 
 
 def create_site_principal(s: Settings, site_id: str) -> tuple[str, str]:
-    """Make the site's topics (when missing), the components' ACLs on them, and a new SCRAM
-    principal for the site with its ACLs; return (username, password). Needs the admin."""
+    """Make the site's topics and the components' ACLs on them (when missing), and a new
+    SCRAM principal for the site with its ACLs; return (username, password). Needs the
+    admin."""
     check_site_id(site_id)
-    asyncio.run(ensure_topics(s, site_topic_specs(s, site_id)))
+    ensure_site_access(s, [site_id])
     user = f"{s.kafka_principal_prefix}site-{site_id}-{secrets.token_hex(4)}"
     password = secrets.token_urlsafe(32)
     admin = admin_client(s)
@@ -241,7 +242,7 @@ def create_site_principal(s: Settings, site_id: str) -> tuple[str, str]:
     except KafkaException as exc:
         raise AccessError(f"the broker refused the site's principal: {exc}") from exc
     try:
-        for future in admin.create_acls(site_acl_bindings(s, site_id, user)).values():
+        for future in admin.create_acls(site_principal_bindings(s, site_id, user)).values():
             future.result(timeout=TIMEOUT_S)
     except KafkaException as exc:
         revoke_site_principal(s, user)  # no principal is left behind that nothing records
@@ -254,13 +255,12 @@ def ensure_site_access(s: Settings, sites: list[str]) -> None:
     rebuilt broker, a new namespace): without them the controller could not dispatch to a
     site's devices, nor the validator read them. Sites' principals are not restored: their
     passwords are nowhere but with their devices."""
-    for site_id in sites:
-        asyncio.run(ensure_topics(s, site_topic_specs(s, site_id)))
-    bindings = [b for site_id in sites for b in site_acl_bindings(s, site_id)]
-    if not bindings:
+    if not sites:
         return
+    asyncio.run(ensure_topics(s, [spec for site in sites for spec in site_topic_specs(s, site)]))
     admin = admin_client(s)  # held: its futures fail once it is collected
     try:
+        bindings = [b for site_id in sites for b in site_acl_bindings(s, site_id)]
         for future in admin.create_acls(bindings).values():
             future.result(timeout=TIMEOUT_S)
     except KafkaException as exc:

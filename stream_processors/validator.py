@@ -192,8 +192,9 @@ class RecordRouter:
         lookups: list[tuple[list[str], str | None]] = [
             ([d for d, s in claims.items() if s == site], site) for site in set(claims.values())
         ]
-        if asks - claims.keys():
-            lookups.append((sorted(asks - claims.keys()), None))
+        asks -= claims.keys()
+        if asks:
+            lookups.append((sorted(asks), None))
         for devices, site in lookups:
             try:
                 found = await self.devices.resolve(devices, site, "first reading, on Kafka")
