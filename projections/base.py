@@ -4,8 +4,11 @@ Each poll is one transaction holding the rows a subclass writes and the new cons
 (`projection_offsets`). On assignment the consumer seeks to the stored positions, not Kafka's
 committed ones (those are only kept for lag monitoring). Position updates are conditional on
 the previous value, so a consumer that lost its partition cannot overwrite its successor.
-Records re-emitted upstream after a crash carry a source offset at or below the stored
-watermark and are skipped.
+Records re-emitted upstream (a validator that died before committing, or a poll published again
+after part of its output failed) are repeats of what a projection has stored, in any order:
+each projection recognises them by their content's identity (a reading's device and time, an
+event's id), never by their position, since a retried publish can land after records that
+followed it upstream.
 
 One record never stops a projection: a record that does not decode, or whose rows PostgreSQL
 refuses (a data or integrity error), goes to the projection's dead-letter topic with the reason,
@@ -25,7 +28,6 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from contracts import Headers
 from projections import positions as store
 from runtime.dlq import DeadLetters
 from runtime.metrics import RECORDS
@@ -38,13 +40,6 @@ AfterCommit = Callable[[], Awaitable[None]] | None
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 # What PostgreSQL refuses because of a record's content, as opposed to an outage or a bug.
 REFUSED = (psycopg.DataError, psycopg.IntegrityError)
-
-
-def _header(rec: ConsumerRecord[bytes, bytes], name: str) -> str | None:
-    for k, v in rec.headers:
-        if k == name:
-            return v.decode()
-    return None
 
 
 class Projection(Generic[T]):
@@ -145,12 +140,11 @@ class Projection(Generic[T]):
             pos = self.positions.get(tp.partition)
             if pos is None:  # fetched before this partition's positions were loaded
                 continue
-            marks = dict(pos.watermarks)
             for rec in records:
                 if rec.offset < pos.next_offset:
                     continue  # fetched before a re-seek: already projected
-                self._admit(rec, marks, items, refused)
-            end = store.Position(max(pos.next_offset, records[-1].offset + 1), marks)
+                self._admit(rec, items, refused)
+            end = store.Position(max(pos.next_offset, records[-1].offset + 1))
             moves.append((tp.partition, pos.next_offset, end))
         if not moves:
             return
@@ -226,31 +220,16 @@ class Projection(Generic[T]):
             log.debug("informational offset commit failed: %r", exc)
 
     def _admit(
-        self,
-        rec: Record,
-        marks: dict[str, int],
-        items: list[tuple[Record, T]],
-        refused: list[tuple[Record, str]],
+        self, rec: Record, items: list[tuple[Record, T]], refused: list[tuple[Record, str]]
     ) -> None:
-        """Add the record's item, unless it repeats a projected source offset; a record that
-        does not decode is refused (dead-lettered), never a reason to stop."""
+        """Add the record's item; a record that does not decode is refused (dead-lettered),
+        never a reason to stop."""
         try:
-            src_p = _header(rec, Headers.SOURCE_PARTITION)
-            src_o = _header(rec, Headers.SOURCE_OFFSET)
-            src_t = _header(rec, Headers.SOURCE_TOPIC)  # a site's topic; absent: telemetry.raw
-            if src_t is not None and src_p is not None:
-                src_p = f"{src_t}/{src_p}"
-            source_offset = int(src_o) if src_o is not None else None
             item = self.decode(rec)
         except (ValueError, msgspec.MsgspecError) as exc:
             RECORDS.labels(self.group, "undecodable").inc()
             refused.append((rec, f"undecodable: {exc}"))
             return
-        if src_p is not None and source_offset is not None:
-            if source_offset <= marks.get(src_p, -1):
-                RECORDS.labels(self.group, "duplicate").inc()
-                return  # re-emitted upstream after a restart
-            marks[src_p] = source_offset
         RECORDS.labels(self.group, "stored").inc()
         items.append((rec, item))
 
@@ -264,7 +243,7 @@ def _within_log(tp: TopicPartition, pos: store.Position, begin: int, end: int) -
             tp.partition,
             end,
         )
-        return store.Position(begin, {})
+        return store.Position(begin)
     if pos.next_offset < begin:
         if pos.next_offset >= 0:
             log.warning(
@@ -273,7 +252,7 @@ def _within_log(tp: TopicPartition, pos: store.Position, begin: int, end: int) -
                 pos.next_offset,
                 begin - 1,
             )
-        return store.Position(begin, pos.watermarks)
+        return store.Position(begin)
     return pos
 
 

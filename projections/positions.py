@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 
 class Position:
     """Where a projection stands in one partition, as stored in `projection_offsets`."""
 
-    __slots__ = ("next_offset", "watermarks")
+    __slots__ = ("next_offset",)
 
-    def __init__(self, next_offset: int, watermarks: dict[str, int]) -> None:
+    def __init__(self, next_offset: int) -> None:
         self.next_offset = next_offset  # -1: nothing projected yet
-        self.watermarks = watermarks
 
 
 async def load_positions(
@@ -25,11 +23,11 @@ async def load_positions(
         (projection, topic, partitions),
     )
     cur = await conn.execute(
-        "SELECT partition, next_offset, source_watermarks FROM projection_offsets"
+        "SELECT partition, next_offset FROM projection_offsets"
         " WHERE projection = %s AND topic = %s AND partition = ANY(%s)",
         (projection, topic, partitions),
     )
-    return {p: Position(o, dict(w)) for p, o, w in await cur.fetchall()}
+    return {p: Position(o) for p, o in await cur.fetchall()}
 
 
 async def save_position(
@@ -42,8 +40,8 @@ async def save_position(
 ) -> bool:
     """Move the stored position; False when another consumer moved it first (fencing)."""
     cur = await conn.execute(
-        "UPDATE projection_offsets SET next_offset = %s, source_watermarks = %s, updated_at = now()"
+        "UPDATE projection_offsets SET next_offset = %s, updated_at = now()"
         " WHERE projection = %s AND topic = %s AND partition = %s AND next_offset = %s",
-        (new.next_offset, Jsonb(new.watermarks), projection, topic, partition, expected),
+        (new.next_offset, projection, topic, partition, expected),
     )
     return cur.rowcount == 1

@@ -10,8 +10,9 @@ that site's principals may write (the broker's ACLs): a reading naming another s
 reply from another site's device, is dead-lettered. The site topics are followed by pattern,
 so a site given topics later is picked up within VALIDATOR_TOPIC_REFRESH_S.
 
-Offsets are committed only after every output record of a poll is acknowledged; a crash
-re-validates from the last commit, and the projection drops the repeats (source offset headers).
+Offsets are committed only after every output record of a poll is acknowledged; a crash or a
+failed publish re-validates from the last commit, and the projection drops the repeats by the
+readings' identity (the source offset headers are provenance only).
 Output goes through a plain idempotent aiokafka producer owned by the app: per record it costs
 a fifth of FastStream's publish path, which dominated the profile with one-reading records.
 """
@@ -155,7 +156,11 @@ class RecordRouter:
                 outcome = "dlq"
             pending.append(fut)
             RECORDS.labels(self.group, outcome).inc()
-        await asyncio.gather(*pending)
+        # every send settles before a failure is raised: the redelivered batch does not race
+        # what is left of this attempt (its repeats are dropped by identity downstream)
+        for outcome_of_send in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(outcome_of_send, BaseException):
+                raise outcome_of_send
 
     def _reply(self, rec: ConsumerRecord[bytes, bytes], site: str | None) -> Reply | BadReply:
         """A device's reply on its site's results topic, before its device is checked."""

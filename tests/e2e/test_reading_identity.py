@@ -200,6 +200,16 @@ class RetryingLoad:
         assert not self.thread.is_alive()
 
 
+def all_stored(db: psycopg.Connection, load: RetryingLoad, timeout: float) -> None:
+    """Every reading the client sent (each answered 202) is stored, once."""
+    try:
+        wait_for(lambda: identity_rows(db, load.devices)[0] >= load.sent, timeout, "every reading")
+    except AssertionError as exc:
+        rows, distinct = identity_rows(db, load.devices)
+        raise AssertionError(f"{exc}: {rows} rows, {distinct} readings of {load.sent}") from None
+    assert identity_rows(db, load.devices) == (load.sent, load.sent)
+
+
 def test_a_retrying_client_stores_everything_once_across_a_gateway_kill(
     platform: Components, db: psycopg.Connection, site: str, device_key: str
 ) -> None:
@@ -217,8 +227,7 @@ def test_a_retrying_client_stores_everything_once_across_a_gateway_kill(
             wait_for(lambda: load.sent >= done + 500, 60, what="load after the restart")
     finally:
         platform.stop("killed-gateway")
-    wait_for(lambda: identity_rows(db, load.devices)[0] >= load.sent, 60, what="every reading")
-    assert identity_rows(db, load.devices) == (load.sent, load.sent)
+    all_stored(db, load, 60)
 
 
 @pytest.mark.broker_outage
@@ -242,5 +251,4 @@ def test_a_retrying_client_stores_everything_once_across_a_broker_kill(
             kafka.up()
         done = load.sent
         wait_for(lambda: load.sent >= done + 500, 120, what="load after the restart")
-    wait_for(lambda: identity_rows(db, load.devices)[0] >= load.sent, 120, what="every reading")
-    assert identity_rows(db, load.devices) == (load.sent, load.sent)
+    all_stored(db, load, 120)
