@@ -11,7 +11,7 @@ the API answers it (with `id` and timestamps). Adding a kind is a Struct here, a
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Final, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, get_args
 
 import msgspec
 from msgspec import Meta
@@ -24,7 +24,8 @@ SEVERITIES: Final[tuple[str, ...]] = get_args(Severity)
 Seconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 RuleName = Annotated[str, Meta(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
 ScopeValue = Annotated[str, Meta(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
-ServerSet = Meta(description="set by the server; refused in a request")
+# readOnly in the OpenAPI document (runtime.openapi.READ_ONLY)
+ServerSet = Meta(description="set by the server; refused in a request", extra={"read_only": True})
 if TYPE_CHECKING:
     Metric = str
 else:  # one of the reading's metrics, as the type says
@@ -37,8 +38,25 @@ def _error(field: str, message: str) -> FieldError:
     return {"field": field, "message": message}
 
 
+_NOT_NULL: Final[dict[str, Any]] = {"not": {"type": "null"}}
+
+
 class RuleScope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """At most one of these; none means every device."""
+
+    # in the OpenAPI document too (runtime.openapi.StructSchemas): no two given and not null
+    json_schema_extra: ClassVar[dict[str, Any]] = {
+        "not": {
+            "anyOf": [
+                {"required": [a, b], "properties": {a: _NOT_NULL, b: _NOT_NULL}}
+                for a, b in (
+                    ("device_id", "site_id"),
+                    ("device_id", "device_type"),
+                    ("site_id", "device_type"),
+                )
+            ]
+        }
+    }
 
     device_id: ScopeValue | None = None
     site_id: ScopeValue | None = None
@@ -71,6 +89,32 @@ class ThresholdRule(AlertRuleBase, tag="threshold"):
     """A metric above (`gt`) or below (`lt`) `threshold`, or `outside` [`low`, `high`], for at
     least `for_s`; an open alert clears past `clear_threshold` (hysteresis, default
     `threshold`) or back inside [`low`, `high`]."""
+
+    # in the OpenAPI document too: which fields each op takes (what problems() checks beyond
+    # that, low < high and the side of clear_threshold, no schema can say)
+    json_schema_extra: ClassVar[dict[str, Any]] = {
+        "anyOf": [
+            {
+                "required": ["op", "low", "high"],
+                "properties": {
+                    "op": {"const": "outside"},
+                    "low": {"type": "number"},
+                    "high": {"type": "number"},
+                    "threshold": {"type": "null"},
+                    "clear_threshold": {"type": "null"},
+                },
+            },
+            {
+                "required": ["op", "threshold"],
+                "properties": {
+                    "op": {"enum": ["gt", "lt"]},
+                    "threshold": {"type": "number"},
+                    "low": {"type": "null"},
+                    "high": {"type": "null"},
+                },
+            },
+        ]
+    }
 
     metric: Metric
     op: Op

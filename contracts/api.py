@@ -10,7 +10,7 @@ from msgspec import Meta
 
 from contracts.alerting import AlertRuleSpec
 from contracts.control import Status as CommandStatus
-from contracts.readings import METRICS, Identifier, Text
+from contracts.readings import METRICS, TEXT_PATTERN, Identifier, Text
 
 Role = Literal["admin", "operator", "viewer"]
 AlertStatus = Literal[
@@ -19,7 +19,7 @@ AlertStatus = Literal[
 
 
 class LoginRequest(msgspec.Struct, forbid_unknown_fields=True):
-    username: Annotated[str, Meta(min_length=1, max_length=100)]
+    username: Annotated[str, Meta(min_length=1, max_length=100, pattern=TEXT_PATTERN)]
     password: Annotated[str, Meta(min_length=1, max_length=200)]
 
 
@@ -120,8 +120,8 @@ class NotificationPage(msgspec.Struct):
 
 
 class CommandRequest(msgspec.Struct, forbid_unknown_fields=True):
-    device_id: Annotated[str, Meta(min_length=1, max_length=64)]
-    command: Annotated[str, Meta(min_length=1, max_length=64)]
+    device_id: Identifier
+    command: Identifier
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     ttl_s: Annotated[int, Meta(ge=1, le=86_400)] | None = None
 

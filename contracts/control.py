@@ -90,6 +90,14 @@ class CommandResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     device_id: str = ""
 
 
+class CommandReply(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A device's answer over HTTP (`POST /api/v1/control/commands/{id}/result`): the command
+    is the path's and the device the key's."""
+
+    status: Literal["succeeded", "failed"]
+    reason: Reason = ""
+
+
 class ControlEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """On `control.events`, keyed by device id: one lifecycle transition, or (`delivered`) the
     hand-over of a processing command to a device over HTTP. The `queued` event carries the

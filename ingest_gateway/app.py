@@ -14,12 +14,15 @@ from typing import Any
 from litestar import Litestar, Request, Response, get, post
 from litestar.di import Provide
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.openapi.spec import SecurityScheme
 
+from contracts import Reading, ReadingBatch
 from ingest_gateway.commands import DeviceCommands, command_result, next_command
 from ingest_gateway.fastpath import IngestFront, RouteMetrics, body_too_large
 from ingest_gateway.gateway import Accepted, Gateway
 from runtime.http import (
     MetricsController,
+    before_request,
     exception_handlers,
     healthz,
     openapi_config,
@@ -27,6 +30,7 @@ from runtime.http import (
     prometheus_config,
     readiness,
 )
+from runtime.openapi import StructSchemas, document_routes, inline_schema, problems
 from runtime.settings import Settings, get_settings
 
 APP_NAME = "ingest_gateway"
@@ -41,7 +45,18 @@ async def readyz(gateway: Gateway) -> Response[dict[str, Any]]:
 
 # These two handlers define the routes' contract (OpenAPI) and serve any request that the
 # fast path in front of the app (ingest_gateway.fastpath) passes on to Litestar.
-@post("/api/v1/telemetry", status_code=202, tags=["telemetry"])
+# Statuses of both: 400 malformed JSON, 401 no or bad key, 403 a device or site not of the key's
+# site, 408 body too slow, 413 body too large, 422 invalid readings, 429 rate limits, 503
+# broker, registry or in-flight limit.
+INGEST_PROBLEMS = problems(403, 408, 413, 422, 429)
+
+
+@post(
+    "/api/v1/telemetry",
+    status_code=202,
+    tags=["telemetry"],
+    opt={"body": Reading, **INGEST_PROBLEMS},
+)
 async def ingest_reading(request: Request[Any, Any, Any], gateway: Gateway) -> Accepted:
     key = await gateway.authenticate(request.headers.get("authorization", ""))
     body = await gateway.read_body(request.body())
@@ -49,7 +64,12 @@ async def ingest_reading(request: Request[Any, Any, Any], gateway: Gateway) -> A
     return Accepted(accepted=await gateway.ingest(key, body, batch=False))
 
 
-@post("/api/v1/telemetry/batch", status_code=202, tags=["telemetry"])
+@post(
+    "/api/v1/telemetry/batch",
+    status_code=202,
+    tags=["telemetry"],
+    opt={"body": ReadingBatch, **INGEST_PROBLEMS},
+)
 async def ingest_batch(request: Request[Any, Any, Any], gateway: Gateway) -> Accepted:
     key = await gateway.authenticate(request.headers.get("authorization", ""))
     body = await gateway.read_body(request.body())
@@ -74,7 +94,7 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
     def too_large(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         return body_too_large(s.ingest_max_body_bytes).to_response(request)
 
-    return Litestar(
+    app = Litestar(
         logging_config=None,  # the process's logging (runtime.logs), not Litestar's own
         route_handlers=[
             ingest_reading,
@@ -91,7 +111,8 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
         },
         lifespan=[lifespan],
         middleware=[prometheus_config(APP_NAME).middleware],
-        plugins=[problem_details_plugin()],
+        plugins=[problem_details_plugin(), StructSchemas()],
+        before_request=before_request,
         exception_handlers={
             **exception_handlers,  # type: ignore[dict-item]
             RequestEntityTooLarge: too_large,
@@ -100,9 +121,26 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
         openapi_config=openapi_config(
             "Microgrid ingest gateway",
             "Devices send readings here with `Authorization: Bearer <device key>`. "
-            "202 means the readings are durably in the log.",
+            "202 means the readings are durably in the log; 429 and 503 that nothing was "
+            "stored. A retry is always safe: a reading is stored once per (device_id, ts).",
+            security_schemes={
+                "DeviceKey": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="A device key of one site (`microgrid keys create --site S`).",
+                )
+            },
         ),
     )
+    document_routes(app, {ReadingBatch: batch_schema(s.ingest_max_batch)})
+    return app
+
+
+def batch_schema(max_readings: int) -> dict[str, Any]:
+    """A batch as the gateway takes it: one to INGEST_MAX_BATCH readings."""
+    schema = inline_schema(ReadingBatch)
+    schema["properties"]["readings"]["maxItems"] = max_readings
+    return schema
 
 
 def serve_app(settings: Settings | None = None) -> IngestFront:

@@ -17,14 +17,16 @@ from typing import Annotated, Any
 import msgspec
 from aiokafka.errors import KafkaError
 from litestar import Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from contracts import Topics
-from contracts.control import CommandDispatch, CommandResult, ControlEvent
+from contracts.control import CommandDispatch, CommandReply, CommandResult, ControlEvent
 from ingest_gateway.gateway import Gateway
 from runtime import outbox
 from runtime.devices import RegistryUnavailable
 from runtime.http import problem
+from runtime.openapi import problems
 
 POLL_INTERVAL_S = 0.25
 MAX_WAIT_S = 30
@@ -116,7 +118,11 @@ class DeviceCommands:
             ) from exc
 
 
-@get("/api/v1/devices/{device_id:str}/commands/next", tags=["control"])
+@get(
+    "/api/v1/devices/{device_id:str}/commands/next",
+    tags=["control"],
+    responses={204: ResponseSpec(None, description="No command came within `wait` seconds")},
+)
 async def next_command(
     request: Request[Any, Any, Any],
     commands: DeviceCommands,
@@ -137,14 +143,19 @@ async def next_command(
         await asyncio.sleep(POLL_INTERVAL_S)
 
 
-@post("/api/v1/control/commands/{command_id:uuid}/result", status_code=202, tags=["control"])
+@post(
+    "/api/v1/control/commands/{command_id:uuid}/result",
+    status_code=202,
+    tags=["control"],
+    opt={"body": CommandReply, **problems(404)},
+)
 async def command_result(
     request: Request[Any, Any, Any], commands: DeviceCommands, command_id: Any
 ) -> dict[str, str]:
     """A device's answer to one of its commands: `{"status": "succeeded"|"failed", "reason"}`."""
     site = await commands.site_of_key(request)
     try:
-        reply = msgspec.json.decode(await request.body(), type=CommandResult)
+        reply = msgspec.json.decode(await request.body(), type=CommandReply)
     except msgspec.ValidationError as exc:
         raise problem(422, "Invalid result", str(exc)) from exc
     except msgspec.DecodeError as exc:

@@ -17,15 +17,17 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
-from contracts.alerting import SEVERITIES, AlertEvent
+from contracts.alerting import AlertEvent
+from contracts.alerting import Severity as SeverityName
 from contracts.api import Accepted, Alert, AlertPage, Notification, NotificationPage
 from query_api.auth import OPERATORS, User
-from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
+from query_api.pagination import MAX_LIMIT, Cursor, decode_cursor, page_of, ts_key
 from query_api.publishing import once_projected
 from query_api.scope import in_scope
 from query_api.services import Services
 from runtime import outbox
 from runtime.http import problem
+from runtime.openapi import problems
 
 ALERTS_SQL = f"""
 SELECT id, rule_id::text, device_id, site_id, severity, status, message, value, opened_at,
@@ -102,7 +104,7 @@ async def _acknowledge(
     return (shown, True) if shown is not None else (row, False)
 
 
-Severity = Annotated[str | None, Parameter(description=", ".join(SEVERITIES))]
+SeverityFilter = Annotated[SeverityName | None, Parameter(description="only this severity")]
 Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
 
 
@@ -128,10 +130,10 @@ class AlertController(Controller):
         services: Services,
         request: Request[Any, Any, Any],
         status: str | None = None,
-        severity: Severity = None,
+        severity: SeverityFilter = None,
         device_id: str | None = None,
         site_id: str | None = None,
-        cursor: str | None = None,
+        cursor: Cursor = None,
         limit: Limit = 50,
     ) -> AlertPage:
         """Alerts of the user's sites, newest first."""
@@ -148,7 +150,7 @@ class AlertController(Controller):
         rows, next_cursor = page_of(rows, limit, lambda r: ts_key(r["opened_at"], r["id"]))
         return AlertPage(items=[Alert(**r) for r in rows], next_cursor=next_cursor)
 
-    @post("/{alert_id:str}/ack", guards=[OPERATORS], status_code=200)
+    @post("/{alert_id:str}/ack", guards=[OPERATORS], status_code=200, opt=problems(404))
     async def ack_alert(
         self, services: Services, request: Request[Any, Any, Any], alert_id: str
     ) -> Response[Alert | Accepted]:
@@ -171,10 +173,10 @@ class NotificationController(Controller):
         services: Services,
         request: Request[Any, Any, Any],
         unread: bool | None = None,
-        severity: Severity = None,
+        severity: SeverityFilter = None,
         device_id: str | None = None,
         site_id: str | None = None,
-        cursor: str | None = None,
+        cursor: Cursor = None,
         limit: Limit = 50,
     ) -> NotificationPage:
         """Notifications of the user's sites, newest first; `unread=true` for the ones nobody
@@ -192,7 +194,7 @@ class NotificationController(Controller):
         rows, next_cursor = page_of(rows, limit, lambda r: ts_key(r["created_at"], r["id"]))
         return NotificationPage(items=[Notification(**r) for r in rows], next_cursor=next_cursor)
 
-    @post("/{notification_id:str}/ack", guards=[OPERATORS], status_code=200)
+    @post("/{notification_id:str}/ack", guards=[OPERATORS], status_code=200, opt=problems(404))
     async def ack_notification(
         self, services: Services, request: Request[Any, Any, Any], notification_id: str
     ) -> Response[Notification | Accepted]:

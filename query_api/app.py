@@ -22,6 +22,7 @@ from query_api.services import Services
 from query_api.stream import stream
 from runtime.http import (
     MetricsController,
+    before_request,
     cors_config,
     exception_handlers,
     healthz,
@@ -29,6 +30,7 @@ from runtime.http import (
     problem_details_plugin,
     prometheus_config,
 )
+from runtime.openapi import StructSchemas, document_routes
 from runtime.settings import Settings, get_settings
 from ui import STATIC_DIR
 
@@ -46,7 +48,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     auth = jwt_auth(s, services.users)
     tokens = TokenIssuer(auth)
     throttle = LoginThrottle(
-        services.redis, s.login_max_failures, s.login_lockout_s, s.login_max_verifications
+        services.redis,
+        s.login_max_failures,
+        s.login_lockout_s,
+        s.login_max_verifications,
+        prefix=s.topic(""),
     )
 
     @asynccontextmanager
@@ -61,7 +67,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await services.stop()
 
     prometheus = prometheus_config("query_api")
-    return Litestar(
+    app = Litestar(
         logging_config=None,  # the process's logging (runtime.logs), not Litestar's own
         route_handlers=[
             login,
@@ -91,7 +97,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         on_app_init=[auth.on_app_init],
         middleware=[prometheus.middleware],
-        plugins=[problem_details_plugin()],
+        plugins=[problem_details_plugin(), StructSchemas()],
+        before_request=before_request,
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         cors_config=cors_config(s.public_origin),
         openapi_config=openapi_config(
@@ -101,3 +108,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "Log in with POST /api/v1/auth/login and send `Authorization: Bearer <token>`.",
         ),
     )
+    document_routes(app)
+    return app

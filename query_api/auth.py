@@ -40,6 +40,7 @@ from contracts.api import LoginRequest, Role, TokenResponse
 from query_api.services import Services
 from query_api.users import User, UserDirectory
 from runtime.http import problem
+from runtime.openapi import problems
 from runtime.settings import DEV_TOKEN_SECRET, Settings
 
 log = logging.getLogger("microgrid.api")
@@ -143,6 +144,8 @@ def require(*roles: Role) -> Any:
     """A guard that lets only these roles through (403 for the others)."""
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if connection.scope.get("method") == "OPTIONS":  # no credentials: says what is there
+            return
         if connection.user.role not in roles:
             raise PermissionDeniedException(
                 f"this needs the role {' or '.join(roles)}; you are {connection.user.role}"
@@ -226,9 +229,15 @@ class LoginThrottle:
     in this process (each argon2 check takes 64 MiB)."""
 
     def __init__(
-        self, redis: Redis, max_failures: int, window_s: int, max_verifications: int = 4
+        self,
+        redis: Redis,
+        max_failures: int,
+        window_s: int,
+        max_verifications: int = 4,
+        prefix: str = "",
     ) -> None:
         self.redis = redis
+        self.prefix = prefix  # the deployment's namespace (KAFKA_NAMESPACE), as for its streams
         self.local = _LocalCounts()
         self.max = max_failures
         self.window = window_s
@@ -236,8 +245,8 @@ class LoginThrottle:
 
     def _limits(self, username: str, client: str) -> dict[str, int]:
         return {
-            f"login-failures:user:{username}": self.max,
-            f"login-failures:addr:{client}": self.max * 4,
+            f"{self.prefix}login-failures:user:{username}": self.max,
+            f"{self.prefix}login-failures:addr:{client}": self.max * 4,
         }
 
     @staticmethod
@@ -286,7 +295,12 @@ def _too_many(wait: int) -> ProblemDetailsException:
     )
 
 
-@post("/api/v1/auth/login", opt={"public": True}, status_code=200, tags=["auth"])
+@post(
+    "/api/v1/auth/login",
+    opt={"public": True, **problems(401, 429)},
+    status_code=200,
+    tags=["auth"],
+)
 async def login(
     data: LoginRequest,
     request: Request[Any, Any, Any],

@@ -33,12 +33,13 @@ from contracts.api import (
 )
 from contracts.control import DEFAULT_TTL_S, CommandRequested, command_errors
 from query_api.auth import OPERATORS
-from query_api.pagination import MAX_LIMIT, decode_cursor, page_of, ts_key
+from query_api.pagination import MAX_LIMIT, Cursor, decode_cursor, page_of, ts_key
 from query_api.publishing import published
 from query_api.scope import in_scope, owns
 from query_api.services import Services
 from runtime import outbox
 from runtime.http import problem
+from runtime.openapi import problems
 
 COLUMNS = (
     "id::text, device_id, command, params, status, reason, ttl_s, deadline, requested_by,"
@@ -108,7 +109,7 @@ class ControlCommandController(Controller):
     path = "/api/v1/control/commands"
     tags = ["control"]
 
-    @post(guards=[OPERATORS], status_code=202)
+    @post(guards=[OPERATORS], status_code=202, opt=problems(404, 422))
     async def send_command(
         self,
         services: Services,
@@ -186,7 +187,7 @@ class ControlCommandController(Controller):
         request: Request[Any, Any, Any],
         device_id: str | None = None,
         status: str | None = None,
-        cursor: str | None = None,
+        cursor: Cursor = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = 50,
     ) -> CommandPage:
         """Commands for the devices of the user's sites, newest first."""
@@ -206,7 +207,7 @@ class ControlCommandController(Controller):
         rows, next_cursor = page_of(rows, limit, lambda r: ts_key(r["created_at"], r["id"]))
         return CommandPage(items=[_command(r) for r in rows], next_cursor=next_cursor)
 
-    @get("/{command_id:uuid}")
+    @get("/{command_id:uuid}", opt=problems(404))
     async def get_command(
         self, services: Services, request: Request[Any, Any, Any], command_id: uuid.UUID
     ) -> ControlCommand:

@@ -6,6 +6,7 @@ device answers 404 as an unknown one does (`query_api.scope`)."""
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -13,12 +14,14 @@ from litestar import Controller, Request, get
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
-from contracts import DEVICE_TYPES, METRICS
+from contracts import METRICS
 from contracts.api import Bucket, Device, DevicePage, Metrics, ReadingSeries, Stat
-from query_api.pagination import MAX_LIMIT, decode_cursor, page_of
+from contracts.readings import DeviceType
+from query_api.pagination import MAX_LIMIT, Cursor, decode_cursor, page_of
 from query_api.scope import in_scope, owns
 from query_api.services import Services
 from runtime.http import problem
+from runtime.openapi import problems
 
 DEVICE_SQL = f"""
 SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
@@ -64,6 +67,10 @@ def _series_sql(metrics: list[str]) -> str:
     )
 
 
+METRICS_PATTERN = f"^({'|'.join(METRICS)})(,({'|'.join(METRICS)}))*$"
+_NUMBER = re.compile(r"^\s*[-+]?[0-9.eE+-]+\s*$")
+
+
 class DeviceController(Controller):
     path = "/api/v1/devices"
     tags = ["devices"]
@@ -93,9 +100,9 @@ class DeviceController(Controller):
         services: Services,
         request: Request[Any, Any, Any],
         site_id: str | None = None,
-        device_type: Annotated[str | None, Parameter(description=", ".join(DEVICE_TYPES))] = None,
+        device_type: Annotated[DeviceType | None, Parameter(description="only this type")] = None,
         status: Annotated[str | None, Parameter(pattern="^(online|offline)$")] = None,
-        cursor: str | None = None,
+        cursor: Cursor = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = 100,
     ) -> DevicePage:
         """Devices in id order, with online status and their latest metrics (of the user's
@@ -113,7 +120,7 @@ class DeviceController(Controller):
         rows, next_cursor = page_of(rows, limit, lambda r: (r["device_id"],))
         return DevicePage(items=[_device(r) for r in rows], next_cursor=next_cursor)
 
-    @get("/{device_id:str}")
+    @get("/{device_id:str}", opt=problems(404))
     async def get_device(
         self, services: Services, request: Request[Any, Any, Any], device_id: str
     ) -> Device:
@@ -122,7 +129,7 @@ class DeviceController(Controller):
             raise problem(404, "Unknown device", f"no device {device_id!r} has reported")
         return _device(rows[0])
 
-    @get("/{device_id:str}/readings")
+    @get("/{device_id:str}/readings", opt=problems(404))
     async def get_readings(
         self,
         services: Services,
@@ -131,10 +138,15 @@ class DeviceController(Controller):
         start: Annotated[datetime | None, Parameter(query="from")] = None,
         end: Annotated[datetime | None, Parameter(query="to")] = None,
         points: Annotated[int, Parameter(ge=1, le=MAX_POINTS)] = 300,
-        metrics: Annotated[str | None, Parameter(description="comma-separated")] = None,
+        metrics: Annotated[
+            str | None, Parameter(pattern=METRICS_PATTERN, description="comma-separated")
+        ] = None,
     ) -> ReadingSeries:
         """Readings in [from, to) as time buckets with min/avg/max per metric (default: 1 h).
         404 for a device of a site outside the user's sites."""
+        for name in ("from", "to"):  # the type decoder would take a number as Unix seconds
+            if _NUMBER.match(request.query_params.get(name, "")):
+                raise problem(400, "Invalid time range", f"{name}: an RFC 3339 date-time")
         end = end or datetime.now(UTC)
         start = start or end - timedelta(hours=1)
         if start.tzinfo is None or end.tzinfo is None:

@@ -5,13 +5,24 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from litestar.params import Parameter
 
 from runtime.http import problem
 
 MAX_LIMIT = 500
+# The shape of a cursor; only a `next_cursor` the API gave is a cursor (400 for another value).
+Cursor = Annotated[
+    str | None,
+    Parameter(
+        min_length=1,
+        max_length=2000,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="`next_cursor` of the previous page",
+    ),
+]
 
 
 def encode_cursor(*key: Any) -> str:

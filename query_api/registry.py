@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import psycopg
 from litestar import Controller, Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
@@ -29,10 +30,11 @@ from contracts.api import (
     RegistrationPage,
 )
 from query_api.auth import ADMINS
-from query_api.pagination import MAX_LIMIT, decode_cursor, page_of
+from query_api.pagination import MAX_LIMIT, Cursor, decode_cursor, page_of
 from query_api.services import Services
 from runtime import devices
 from runtime.http import problem
+from runtime.openapi import problems
 
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 5
@@ -72,7 +74,7 @@ class RegistryController(Controller):
         self,
         services: Services,
         site_id: str | None = None,
-        cursor: str | None = None,
+        cursor: Cursor = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = 100,
     ) -> RegistrationPage:
         """Registered devices in id order, with their site (`site_id`: of that site only)."""
@@ -85,8 +87,16 @@ class RegistryController(Controller):
         rows, next_cursor = page_of(rows, limit, lambda r: (r["device_id"],))
         return RegistrationPage(items=[Registration(**r) for r in rows], next_cursor=next_cursor)
 
-    @post(status_code=201)
-    async def register(
+    @post(
+        status_code=201,
+        opt=problems(409),
+        responses={
+            200: ResponseSpec(
+                Registration, description="Already registered to that site", generate_examples=False
+            )
+        },
+    )
+    async def register_device(
         self, services: Services, request: Request[Any, Any, Any], data: RegisterDevice
     ) -> Response[Registration]:
         """Give a device to a site: 201 when new, 200 when it already belongs to that site,
@@ -100,7 +110,7 @@ class RegistryController(Controller):
             raise problem(409, "Registered to another site", str(exc)) from exc
         return Response(found, status_code=201 if new else 200)
 
-    @get("/{device_id:str}")
+    @get("/{device_id:str}", opt=problems(404))
     async def get_registration(self, services: Services, device_id: str) -> RegisteredDevice:
         """A device's registration and its moves between sites, oldest first."""
 
@@ -118,8 +128,8 @@ class RegistryController(Controller):
             moves=moves,
         )
 
-    @post("/{device_id:str}/move", status_code=200)
-    async def move(
+    @post("/{device_id:str}/move", status_code=200, opt=problems(404, 409))
+    async def move_device(
         self,
         services: Services,
         request: Request[Any, Any, Any],

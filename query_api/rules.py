@@ -29,6 +29,7 @@ from query_api.scope import in_scope
 from query_api.services import Services
 from runtime import outbox
 from runtime.http import problem
+from runtime.openapi import problems
 
 log = logging.getLogger("microgrid.api")
 
@@ -118,7 +119,7 @@ class AlertRuleController(Controller):
             rows = await cur.fetchall()
         return AlertRulePage(items=[_rule(r) for r in rows], next_cursor=None)
 
-    @get("/{rule_id:uuid}")
+    @get("/{rule_id:uuid}", opt=problems(404))
     async def get_rule(
         self, services: Services, request: Request[Any, Any, Any], rule_id: uuid.UUID
     ) -> AlertRuleSpec:
@@ -147,7 +148,7 @@ class AlertRuleController(Controller):
         await published(services, queued)
         return rule
 
-    @put("/{rule_id:uuid}", guards=[ADMINS])
+    @put("/{rule_id:uuid}", guards=[ADMINS], opt=problems(404))
     async def replace_rule(
         self, services: Services, rule_id: uuid.UUID, data: AlertRuleSpec
     ) -> AlertRuleSpec:
@@ -163,7 +164,7 @@ class AlertRuleController(Controller):
         await published(services, queued)
         return rule
 
-    @delete("/{rule_id:uuid}", guards=[ADMINS], status_code=204)
+    @delete("/{rule_id:uuid}", guards=[ADMINS], status_code=204, opt=problems(404))
     async def delete_rule(self, services: Services, rule_id: uuid.UUID) -> None:
         async with services.pool.connection() as conn, conn.transaction():
             cur = await conn.execute("DELETE FROM alert_rules WHERE id = %s", (rule_id,))

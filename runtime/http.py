@@ -12,18 +12,21 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import psycopg
 from litestar import Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, Reference, SecurityScheme
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
     ProblemDetailsPlugin,
 )
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.routes import HTTPRoute
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -157,6 +160,75 @@ exception_handlers = {
 }
 
 
+async def before_request(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """Answer `OPTIONS`; check a JSON body strictly before the handler is called."""
+    if request.method == "OPTIONS":
+        return _options(request)
+    kind = _body_type(request.route_handler)
+    if kind is not None:
+        _check_body(kind, await request.body())  # read once: the handler gets it cached
+    return None
+
+
+def _options(request: Request[Any, Any, Any]) -> Response[None]:
+    """`OPTIONS` lists every method of the path. Litestar 2 lists only the methods the path
+    had when its first handler was registered (litestar#4169, fixed in Litestar 3); CORS
+    preflights are answered before this, by the CORS middleware."""
+    paths = request.route_handler.paths
+    methods = {
+        method
+        for route in request.app.routes
+        if isinstance(route, HTTPRoute) and route.path in paths
+        for method in route.methods
+    }
+    allow = ", ".join(sorted(methods))
+    return Response(None, status_code=204, headers={"Allow": allow}, media_type="text/plain")
+
+
+_BODY_TYPES: dict[int, Any] = {}
+
+
+def _body_type(handler: Any) -> Any:
+    """The type of the handler's `data`, if it has one. Litestar converts a body to its type
+    leniently (`0` is taken for `false`, `"1"` for `1`), which its document does not say;
+    `_check_body` refuses what the document refuses."""
+    key = id(handler)
+    if key not in _BODY_TYPES:
+        data = handler.parsed_fn_signature.parameters.get("data")
+        _BODY_TYPES[key] = data.annotation if data is not None else None
+    return _BODY_TYPES[key]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer; msgspec's strict conversion does not."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def _check_body(kind: Any, body: bytes) -> None:
+    try:
+        msgspec.convert(_integral(msgspec.json.decode(body)), type=kind, strict=True)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        at = _AT.search(message)
+        named = _NAMED_FIELD.search(message)
+        field = at.group(1) if at else ""
+        if named is not None:
+            field = f"{field}.{named.group(1)}" if field else named.group(1)
+        errors = [{"field": field or None, "message": message, "source": "body"}]
+        raise problem(422, "Invalid request body", message, errors=errors) from exc
+    except msgspec.DecodeError as exc:
+        raise problem(400, "Malformed JSON", str(exc)) from exc
+
+
 @get("/healthz", sync_to_thread=False, include_in_schema=False, opt={"public": True})
 def healthz() -> dict[str, str]:
     """The process is alive and serving."""
@@ -176,11 +248,28 @@ def prometheus_config(app_name: str) -> PrometheusConfig:
     )
 
 
-def openapi_config(title: str, description: str) -> OpenAPIConfig:
+def operation_id(handler: Any, method: Any, path: Any) -> str:
+    """An operation's id is its handler's name in camelCase (`listAlerts`): the generated
+    clients' function names."""
+    head, *rest = handler.handler_name.split("_")
+    return head + "".join(word.title() for word in rest)
+
+
+def openapi_config(
+    title: str,
+    description: str,
+    security_schemes: dict[str, SecurityScheme | Reference] | None = None,
+) -> OpenAPIConfig:
+    """Docs at /docs (Scalar), /docs/swagger and /docs/openapi.json. `security_schemes`: the
+    app's own credentials, required by every route unless it is public (runtime.openapi);
+    the query API's come from its JWT authentication."""
     return OpenAPIConfig(
         title=title,
         version="1",
         description=description,
+        components=Components(security_schemes=security_schemes),
+        operation_id_creator=operation_id,
+        security=[{name: []} for name in security_schemes or {}] or None,
         path="/docs",
         render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
     )

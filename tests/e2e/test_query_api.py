@@ -1043,19 +1043,19 @@ HOSTILE = [
 ]
 STRING_FILTERS = [
     ("/api/v1/devices", "site_id"),
-    ("/api/v1/devices", "device_type"),
     ("/api/v1/alerts", "status"),
-    ("/api/v1/alerts", "severity"),
     ("/api/v1/alerts", "device_id"),
     ("/api/v1/alerts", "site_id"),
-    ("/api/v1/notifications", "severity"),
     ("/api/v1/notifications", "device_id"),
     ("/api/v1/notifications", "site_id"),
     ("/api/v1/control/commands", "device_id"),
     ("/api/v1/control/commands", "status"),
 ]
-REFUSED_FILTERS = [
+REFUSED_FILTERS = [  # enums and cursors: the document says what they take
     ("/api/v1/devices", "status"),
+    ("/api/v1/devices", "device_type"),
+    ("/api/v1/alerts", "severity"),
+    ("/api/v1/notifications", "severity"),
     ("/api/v1/notifications", "unread"),
     ("/api/v1/devices", "cursor"),
     ("/api/v1/alerts", "cursor"),

@@ -1,0 +1,103 @@
+"""The OpenAPI documents tell the whole truth: Schemathesis, every check, against the running
+gateway (with a device key) and query API (with a token of each role), one run per phase.
+
+The suite runs a bounded number of examples (CONTRACT_EXAMPLES, 5): the coverage phase of each
+app, and the fuzzing and stateful phases for each role. `make test-contracts` runs every phase
+for every role at depth (CONTRACT_DEPTH=deep, 100 examples). The refusals a schema cannot
+carry are configured per operation in tests/contracts/*.toml and listed in the README.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from runtime.keys import create_key
+from runtime.settings import PROJECT_ROOT
+from tests.conftest import Components
+from tests.e2e.test_control import command, register
+
+CONFIGS = PROJECT_ROOT / "tests" / "contracts"
+DEEP = os.environ.get("CONTRACT_DEPTH") == "deep"
+EXAMPLES = int(os.environ.get("CONTRACT_EXAMPLES", "100" if DEEP else "5"))
+# the documents carry no examples, so the examples phase would generate nothing
+ALL_PHASES = ("coverage", "fuzzing", "stateful")
+
+
+def runs() -> list[tuple[str, str, str]]:
+    """(app, role, phase): the coverage phase does not depend on the number of examples and
+    costs the most (about 2,000 cases for the query API), so the suite runs it once per app."""
+    found = [("gateway", "device", phase) for phase in ("coverage", "fuzzing")]  # no links
+    for role in ("admin", "operator", "viewer"):
+        phases = ALL_PHASES if DEEP or role == "admin" else ("fuzzing", "stateful")
+        found += [("query-api", role, phase) for phase in phases]
+    return found
+
+
+def schemathesis(config: Path, url: str, credential: str, phase: str, env: dict[str, str]) -> str:
+    st = Path(sys.executable).parent / "st"
+    argv = [str(st), "--no-color", "--config-file", str(config), "run", f"{url}/docs/openapi.json"]
+    argv += ["--header", f"Authorization: Bearer {credential}", "--phases", phase]
+    argv += ["--max-examples", str(EXAMPLES), "--checks", "all"]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=900, env={**os.environ, **env}, check=False
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-12_000:]
+    return out
+
+
+def forget_failed_logins(platform: Components) -> None:
+    """The fuzzer's failed logins lock 127.0.0.1 out, as they should (429): the suite's later
+    logins come from the same address."""
+    client = redis.Redis.from_url(platform.s.redis_url)
+    try:
+        for key in client.scan_iter(match=f"{platform.s.topic('')}login-failures:*"):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def gateway_target(platform: Components, tokens: dict[str, str]) -> dict[str, str]:
+    """A device key, a device of its site and a command waiting for that device."""
+    site = "site-contracts"
+    with psycopg.connect(platform.s.database_url, autocommit=True) as db:
+        key = create_key(db, site)
+        device = register(platform, db, key, site)
+    cid = command(platform, tokens["operator"], device, ttl_s=3600)
+    return {"key": key, "CONTRACT_DEVICE_ID": device, "CONTRACT_COMMAND_ID": cid}
+
+
+@pytest.mark.parametrize(("app", "role", "phase"), runs(), ids=lambda v: str(v))
+def test_schemathesis_finds_no_failure(
+    platform: Components,
+    tokens: dict[str, str],
+    gateway_target: dict[str, str],
+    app: str,
+    role: str,
+    phase: str,
+) -> None:
+    if app == "gateway":
+        env = {k: v for k, v in gateway_target.items() if k.startswith("CONTRACT_")}
+        url, credential = platform.gateway_url, gateway_target["key"]
+    else:
+        env, url, credential = {}, platform.api_url, tokens[role]
+    try:
+        out = schemathesis(CONFIGS / f"{app}.toml", url, credential, phase, env)
+    finally:
+        if app == "query-api":
+            forget_failed_logins(platform)
+    generated = re.search(r"(\d+) generated", out)
+    cases = int(generated.group(1)) if generated else 0
+    # printed for `make test-contracts` (pytest -s): the case counts of the closing note
+    print(f"\nschemathesis {app} {role} {phase}: {cases} cases, no failure")
+    if phase in ("coverage", "fuzzing"):
+        assert cases > 0, out[-4000:]  # a phase that generated nothing has proven nothing
