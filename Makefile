@@ -14,7 +14,7 @@ MVN := mvn -q -B -Dstyle.color=never -f deploy/kafka/pom.xml
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: setup dev test test-lowest check lock system-packages stack-up stack-down clean
+.PHONY: setup dev test test-contracts test-lowest check lock system-packages stack-up stack-down clean
 
 setup: system-packages $(VENV)/.installed $(KAFKA_LIBS)/.resolved
 
@@ -80,6 +80,13 @@ dev: setup
 test: setup
 	$(BIN)/microgrid stack up
 	ENVIRONMENT=test $(BIN)/pytest -q -p no:cacheprovider
+
+# Schemathesis at depth: every phase for every role, 100 examples per operation (the suite runs
+# a bounded set); prints the case count of each run.
+test-contracts: setup
+	$(BIN)/microgrid stack up
+	CONTRACT_DEPTH=deep ENVIRONMENT=test $(BIN)/pytest -q -s -p no:cacheprovider \
+		tests/e2e/test_openapi_conformance.py
 
 # The suite on the lowest versions pyproject.toml allows for each direct dependency (resolved
 # from the index today, so not locked): shows the lower bounds are true. The committed documents
