@@ -101,7 +101,6 @@ class ThresholdRule(AlertRuleBase, tag="threshold"):
                     "low": {"type": "number"},
                     "high": {"type": "number"},
                     "threshold": {"type": "null"},
-                    "clear_threshold": {"type": "null"},
                 },
             },
             {

@@ -96,6 +96,8 @@ class CommandReply(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     status: Literal["succeeded", "failed"]
     reason: Reason = ""
+    id: str = msgspec.field(default="")  # accepted and ignored: the path's command
+    device_id: str = msgspec.field(default="")  # accepted and ignored: the key's device
 
 
 class ControlEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -191,7 +191,11 @@ def _js_type(schema: Any) -> str:
         return str(schema["$ref"]).rsplit("/", 1)[-1]
     for key in ("anyOf", "oneOf"):
         if key in schema:
-            return " | ".join(dict.fromkeys(_js_type(s) for s in schema[key]))
+            union = " | ".join(dict.fromkeys(_js_type(s) for s in schema[key]))
+            rest = {k: v for k, v in schema.items() if k != key}
+            if "properties" in rest:  # members of their own, and one of the alternatives
+                return f"{_js_type(rest)} & ({union})"
+            return union
     if "const" in schema:
         return json.dumps(schema["const"])
     if "enum" in schema:
@@ -276,7 +280,8 @@ def js_client(doc: dict[str, Any]) -> str:
         "  }",
         "  const resp = await fetch(target(path, where, args), init);",
         "  const text = await resp.text();",
-        "  const body = text ? JSON.parse(text) : null;",
+        '  const json = (resp.headers.get("Content-Type") || "").includes("json");',
+        "  const body = text && json ? JSON.parse(text) : text || null;",
         "  if (resp.status === 401) settings.onUnauthorized(body);",
         "  if (!resp.ok) throw new ApiError(resp.status, body);",
         "  return body;",

@@ -19,6 +19,7 @@ PostgreSQL refuses it is it applied again record by record, each in a savepoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeAlias, TypeVar
@@ -54,22 +55,25 @@ class Projection(Generic[T]):
         self.topic = topic
         self.group = group
         self.max_records = max_records
-        self.consumer = AIOKafkaConsumer(
-            **s.kafka_client,
-            group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1_048_576,
-            fetch_min_bytes=s.consumer_fetch_min_bytes,
-            fetch_max_wait_ms=s.consumer_fetch_max_wait_ms,
-            client_id=group,
-        )
+        self.consumer = self._new_consumer()
         self.positions: dict[int, store.Position] = {}
         self.lock = asyncio.Lock()
         self.conn: psycopg.AsyncConnection | None = None
         self.stopping = asyncio.Event()
         self.listener_error: BaseException | None = None
         self.dead_letters = DeadLetters(s, dlq_topic, group)
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            **self.s.kafka_client,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1_048_576,
+            fetch_min_bytes=self.s.consumer_fetch_min_bytes,
+            fetch_max_wait_ms=self.s.consumer_fetch_max_wait_ms,
+            client_id=self.group,
+        )
 
     def decode(self, rec: ConsumerRecord[bytes, bytes]) -> T:
         raise NotImplementedError
@@ -89,7 +93,13 @@ class Projection(Generic[T]):
         log.info("projecting %s into PostgreSQL (%s)", self.topic, self.name)
         try:
             while not self.stopping.is_set():
-                polled = await self.consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                try:
+                    polled = await self.consumer.getmany(
+                        timeout_ms=200, max_records=self.max_records
+                    )
+                except KafkaError as exc:
+                    await self._replace_consumer(exc)
+                    continue
                 if self.listener_error is not None:
                     # aiokafka only logs what a rebalance listener raises: fail loudly instead
                     raise RuntimeError("could not load stored positions") from self.listener_error
@@ -106,6 +116,33 @@ class Projection(Generic[T]):
             await self.conn.close()
             await self.dead_letters.close()
             await self.close()
+
+    async def _replace_consumer(self, exc: KafkaError) -> None:
+        """A consumer whose group coordination died stays dead (aiokafka re-raises the error
+        on every poll; seen when a broker restart closed a connection under its coordinator):
+        leave the group and join again with a new consumer. Nothing is lost or repeated: the
+        new assignment seeks to the positions stored in PostgreSQL."""
+        log.warning("%s: Kafka consumer failed (%r); replacing it", self.name, exc)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.consumer.stop(), timeout=10)
+        async with self.lock:
+            self.positions.clear()
+        delay = 1.0
+        while not self.stopping.is_set():
+            consumer = self._new_consumer()
+            consumer.subscribe([self.topic], listener=_StoredPositions(self))
+            try:
+                await consumer.start()
+            except KafkaError as again:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                log.warning("%s: cannot start a Kafka consumer yet: %r", self.name, again)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.consumer = consumer
+            log.info("%s: Kafka consumer replaced", self.name)
+            return
 
     async def load_positions(self, partitions: list[TopicPartition]) -> None:
         """Seek to the positions stored in PostgreSQL, moved into the log's current bounds."""

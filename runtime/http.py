@@ -185,18 +185,12 @@ def _options(request: Request[Any, Any, Any]) -> Response[None]:
     return Response(None, status_code=204, headers={"Allow": allow}, media_type="text/plain")
 
 
-_BODY_TYPES: dict[int, Any] = {}
-
-
 def _body_type(handler: Any) -> Any:
-    """The type of the handler's `data`, if it has one. Litestar converts a body to its type
-    leniently (`0` is taken for `false`, `"1"` for `1`), which its document does not say;
-    `_check_body` refuses what the document refuses."""
-    key = id(handler)
-    if key not in _BODY_TYPES:
-        data = handler.parsed_fn_signature.parameters.get("data")
-        _BODY_TYPES[key] = data.annotation if data is not None else None
-    return _BODY_TYPES[key]
+    """The type of the handler's `data`, if it has one (Litestar keeps the parsed signature).
+    Litestar converts a body to its type leniently (`0` is taken for `false`, `"1"` for `1`),
+    which its document does not say; `_check_body` refuses what the document refuses."""
+    data = handler.parsed_fn_signature.parameters.get("data")
+    return data.annotation if data is not None else None
 
 
 def _integral(value: Any) -> Any:

@@ -113,52 +113,58 @@ class RecordRouter:
             verdicts.append(read)
         owners = await self._owners(verdicts)
         pending = []
-        for rec, checked in zip(records, verdicts, strict=True):
-            verdict = checked
-            if isinstance(verdict, Valid | Reply):
-                owner = owners.get(verdict.device_id)
-                if owner != verdict.site_id:
-                    reason = (
-                        f"device {verdict.device_id!r} is not registered"
-                        if owner is None
-                        else f"device {verdict.device_id!r} belongs to another site than"
-                        f" {verdict.site_id!r}"
+        try:
+            for rec, checked in zip(records, verdicts, strict=True):
+                verdict = checked
+                if isinstance(verdict, Valid | Reply):
+                    owner = owners.get(verdict.device_id)
+                    if owner != verdict.site_id:
+                        reason = (
+                            f"device {verdict.device_id!r} is not registered"
+                            if owner is None
+                            else f"device {verdict.device_id!r} belongs to another site than"
+                            f" {verdict.site_id!r}"
+                        )
+                        verdict = (
+                            BadReply(reason) if isinstance(verdict, Reply) else Invalid(reason)
+                        )
+                if isinstance(verdict, Valid):
+                    headers = [
+                        (Headers.SOURCE_PARTITION, str(rec.partition).encode()),
+                        (Headers.SOURCE_OFFSET, str(rec.offset).encode()),
+                    ]
+                    if rec.topic != self.sources.raw:  # offsets of telemetry.raw need no topic
+                        headers.append((Headers.SOURCE_TOPIC, rec.topic.encode()))
+                    fut = await producer.send(
+                        self.valid, verdict.value, key=verdict.device_id.encode(), headers=headers
                     )
-                    verdict = BadReply(reason) if isinstance(verdict, Reply) else Invalid(reason)
-            if isinstance(verdict, Valid):
-                headers = [
-                    (Headers.SOURCE_PARTITION, str(rec.partition).encode()),
-                    (Headers.SOURCE_OFFSET, str(rec.offset).encode()),
-                ]
-                if rec.topic != self.sources.raw:  # offsets of telemetry.raw need no topic
-                    headers.append((Headers.SOURCE_TOPIC, rec.topic.encode()))
-                fut = await producer.send(
-                    self.valid, verdict.value, key=verdict.device_id.encode(), headers=headers
-                )
-                outcome = "valid"
-            elif isinstance(verdict, Reply):
-                key = verdict.device_id.encode()
-                fut = await producer.send(self.results, rec.value, key=key)
-                outcome = "reply"
-            else:
-                log.warning(
-                    "dead-lettered %s[%d]@%d: %s",
-                    rec.topic,
-                    rec.partition,
-                    rec.offset,
-                    verdict.reason,
-                )
-                headers = dlq_headers(
-                    verdict.reason, self.group, rec.topic, rec.partition, rec.offset
-                )
-                dlq = self.control_dlq if isinstance(verdict, BadReply) else self.dlq
-                fut = await producer.send(dlq, rec.value, key=rec.key, headers=headers)
-                outcome = "dlq"
-            pending.append(fut)
-            RECORDS.labels(self.group, outcome).inc()
-        # every send settles before a failure is raised: the redelivered batch does not race
-        # what is left of this attempt (its repeats are dropped by identity downstream)
-        for outcome_of_send in await asyncio.gather(*pending, return_exceptions=True):
+                    outcome = "valid"
+                elif isinstance(verdict, Reply):
+                    key = verdict.device_id.encode()
+                    fut = await producer.send(self.results, rec.value, key=key)
+                    outcome = "reply"
+                else:
+                    log.warning(
+                        "dead-lettered %s[%d]@%d: %s",
+                        rec.topic,
+                        rec.partition,
+                        rec.offset,
+                        verdict.reason,
+                    )
+                    headers = dlq_headers(
+                        verdict.reason, self.group, rec.topic, rec.partition, rec.offset
+                    )
+                    dlq = self.control_dlq if isinstance(verdict, BadReply) else self.dlq
+                    fut = await producer.send(dlq, rec.value, key=rec.key, headers=headers)
+                    outcome = "dlq"
+                pending.append(fut)
+                RECORDS.labels(self.group, outcome).inc()
+        finally:
+            # every send settles before a failure is raised, also when a send itself raised:
+            # the redelivered batch does not race what is left of this attempt (its repeats
+            # are dropped by identity downstream)
+            outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        for outcome_of_send in outcomes:
             if isinstance(outcome_of_send, BaseException):
                 raise outcome_of_send
 

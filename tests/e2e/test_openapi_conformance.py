@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -65,6 +66,27 @@ def forget_failed_logins(platform: Components) -> None:
         client.close()
 
 
+def rule_ids(platform: Components, token: str) -> set[str]:
+    r = httpx.get(
+        f"{platform.api_url}/api/v1/alert-rules",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    return {rule["id"] for rule in r.json()["items"]}
+
+
+def delete_rules(platform: Components, token: str, ids: set[str]) -> None:
+    """The rules the fuzzer made: each would raise alerts on every device of the later tests."""
+    for rule_id in ids:
+        r = httpx.delete(
+            f"{platform.api_url}/api/v1/alert-rules/{rule_id}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        assert r.status_code in (204, 404), r.text
+
+
 @pytest.fixture(scope="module")
 def gateway_target(platform: Components, tokens: dict[str, str]) -> dict[str, str]:
     """A device key, a device of its site and a command waiting for that device."""
@@ -90,11 +112,13 @@ def test_schemathesis_finds_no_failure(
         url, credential = platform.gateway_url, gateway_target["key"]
     else:
         env, url, credential = {}, platform.api_url, tokens[role]
+    rules = rule_ids(platform, tokens["admin"])
     try:
         out = schemathesis(CONFIGS / f"{app}.toml", url, credential, phase, env)
     finally:
         if app == "query-api":
             forget_failed_logins(platform)
+            delete_rules(platform, tokens["admin"], rule_ids(platform, tokens["admin"]) - rules)
     generated = re.search(r"(\d+) generated", out)
     cases = int(generated.group(1)) if generated else 0
     # printed for `make test-contracts` (pytest -s): the case counts of the closing note

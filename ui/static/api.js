@@ -28,7 +28,7 @@
 /** @typedef {{items: Array<Registration>, next_cursor: string | null}} RegistrationPage */
 /** @typedef {{device_id?: string | null, site_id?: string | null, device_type?: "pv_inverter" | "battery" | "load" | "genset" | "meter" | null}} RuleScope */
 /** @typedef {{min: number, avg: number, max: number}} Stat */
-/** @typedef {{op: "outside", low: number, high: number, threshold?: null, clear_threshold?: null} | {op: "gt" | "lt", threshold: number, low?: null, high?: null}} ThresholdRule */
+/** @typedef {{metric: "voltage_v" | "current_a" | "frequency_hz" | "power_kw" | "soc_pct" | "temperature_c", op: "gt" | "lt" | "outside", threshold?: number | null, low?: number | null, high?: number | null, clear_threshold?: number | null, for_s?: number | null, name: string, severity: "critical" | "major" | "minor" | "warning", scope?: RuleScope, enabled?: boolean, id?: string | null, created_at?: string | null, updated_at?: string | null, kind: "threshold"} & ({op: "outside", low: number, high: number, threshold?: null} | {op: "gt" | "lt", threshold: number, low?: null, high?: null})} ThresholdRule */
 /** @typedef {{access_token: string, token_type: string, expires_in: number, role: "admin" | "operator" | "viewer"}} TokenResponse */
 /** @typedef {{status: "queued" | "processing" | "succeeded" | "failed", at: string, reason?: string | null}} Transition */
 
@@ -75,7 +75,8 @@ async function call(method, path, where, args = {}) {
   }
   const resp = await fetch(target(path, where, args), init);
   const text = await resp.text();
-  const body = text ? JSON.parse(text) : null;
+  const json = (resp.headers.get("Content-Type") || "").includes("json");
+  const body = text && json ? JSON.parse(text) : text || null;
   if (resp.status === 401) settings.onUnauthorized(body);
   if (!resp.ok) throw new ApiError(resp.status, body);
   return body;
