@@ -17,6 +17,7 @@ from typing import Any
 
 import uvloop
 
+from runtime.kafka import closed_transport_is_a_connection_error
 from runtime.logs import configure_logging
 from runtime.settings import DEV_KAFKA_PASSWORDS, Settings, get_settings, require_environment
 
@@ -218,6 +219,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     configure_logging(name, s.log_level)
     tune_gc()
+    closed_transport_is_a_connection_error()
     target = COMPONENTS.get(name) or EXTRAS[name]
     with contextlib.suppress(KeyboardInterrupt):
         target(s)

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import AIOKafkaConnection, CloseReason
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from faststream.security import SASLScram512
 
@@ -19,6 +21,34 @@ from runtime.settings import Settings
 
 HOUR_MS = 3_600_000
 log = logging.getLogger("microgrid.kafka")
+
+
+def closed_transport_is_a_connection_error() -> None:
+    """aiokafka turns an OSError from writing to a connection into KafkaConnectionError, which
+    it retries; uvloop raises RuntimeError instead ("the handler is closed") when the broker
+    closed the connection first (aio-libs/aiokafka#1038, open). Under a consumer's group
+    coordination that error ends the coordination for good, and every later poll re-raises it:
+    after a broker restart in the suite, the validator stopped consuming (FastStream retried
+    the same dead consumer every 5 s) and the projector process ended. Each component process
+    calls this once, before it connects: the write's RuntimeError becomes what aiokafka
+    expects. Idempotent."""
+    original = AIOKafkaConnection.send
+    if getattr(original, "closed_transport_handled", False):
+        return
+
+    def send(self: AIOKafkaConnection, request: Any, expect_response: bool = True) -> Any:
+        try:
+            return original(self, request, expect_response)
+        except RuntimeError as err:
+            if "closed" not in str(err):
+                raise
+            self.close(reason=CloseReason.CONNECTION_BROKEN)
+            raise KafkaConnectionError(
+                f"Connection at {self.host}:{self.port} broken: {err}"
+            ) from err
+
+    send.closed_transport_handled = True  # type: ignore[attr-defined]
+    AIOKafkaConnection.send = send
 
 
 @dataclass(frozen=True)
