@@ -9,6 +9,8 @@ UV := $(TOOLS)/bin/uv
 STACK_DIR ?= .stack
 KAFKA_LIBS := $(STACK_DIR)/kafka/libs
 KAFKA_JARS_LOCK := deploy/kafka/jars.sha256
+# the dashboard's browser libraries (uPlot), installed from ui/package-lock.json and served from here
+UI_VENDOR := ui/static/vendor
 MVN := mvn -q -B -Dstyle.color=never -f deploy/kafka/pom.xml
 # the lock is for the machine's Python; never let uv fetch an interpreter of its own
 export UV_PYTHON_DOWNLOADS := never
@@ -16,7 +18,7 @@ export UV_PYTHON := $(PYTHON)
 
 .PHONY: setup dev test test-contracts test-lowest check lock system-packages stack-up stack-down clean
 
-setup: system-packages $(VENV)/.installed $(KAFKA_LIBS)/.resolved
+setup: system-packages $(VENV)/.installed $(KAFKA_LIBS)/.resolved $(UI_VENDOR)/.installed
 
 system-packages:
 	@command -v java >/dev/null || { echo "java not found: install a Java 17 runtime (apt-get install openjdk-17-jre-headless)"; exit 1; }
@@ -60,6 +62,15 @@ $(KAFKA_LIBS)/.resolved: deploy/kafka/pom.xml $(KAFKA_JARS_LOCK)
 		|| { echo "Kafka jars differ from $(KAFKA_JARS_LOCK) (run make lock after changing the POM)"; exit 1; }
 	@touch $@
 
+# Exactly the locked set (npm ci checks the integrity hashes and fails when package.json and the
+# lock disagree); nothing is fetched at run time.
+$(UI_VENDOR)/.installed: ui/package.json ui/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js 18+ with npm (apt-get install nodejs npm)"; exit 1; }
+	cd ui && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@mkdir -p $(UI_VENDOR)
+	cp ui/node_modules/uplot/dist/uPlot.esm.js ui/node_modules/uplot/dist/uPlot.min.css $(UI_VENDOR)/
+	@touch $@
+
 # Re-resolve after editing pyproject.toml or the POM; pins stay unless named:
 # `make lock UPGRADE=faststream` (one package) or `make lock UPGRADE=all`.
 lock: $(UV)
@@ -71,6 +82,8 @@ lock: $(UV)
 		-DoutputDirectory=$(abspath $(STACK_DIR)/kafka/relock)
 	cd $(STACK_DIR)/kafka/relock && sha256sum *.jar > $(abspath $(KAFKA_JARS_LOCK))
 	@rm -rf $(STACK_DIR)/kafka/relock
+	cd ui && npm install --package-lock-only --ignore-scripts --no-audit --no-fund \
+		$(if $(filter all,$(UPGRADE)),&& npm update --package-lock-only --ignore-scripts --no-audit --no-fund)
 
 dev: setup
 	$(BIN)/microgrid stack up
@@ -108,6 +121,7 @@ check: setup
 	$(BIN)/lint-imports
 	$(BIN)/microgrid contracts check
 	$(UV) lock --check
+	cd ui && npm ci --dry-run --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null
 
 stack-up: setup
 	$(BIN)/microgrid stack up
@@ -117,4 +131,4 @@ stack-down:
 
 clean:
 	@test ! -x $(BIN)/microgrid || $(BIN)/microgrid stack down --purge
-	rm -rf $(STACK_DIR) $(VENV) $(TOOLS) $(LOWEST) $(LOWEST).txt
+	rm -rf $(STACK_DIR) $(VENV) $(TOOLS) $(LOWEST) $(LOWEST).txt ui/node_modules $(UI_VENDOR)

@@ -20,6 +20,9 @@ COMMANDS: Final[dict[str, dict[str, dict[str, tuple[float, float]]]]] = {
     "meter": {},
 }
 DEFAULT_TTL_S: Final = 60
+# the bounds of a request's `ttl_s` (seconds until its deadline)
+MIN_TTL_S: Final = 1
+MAX_TTL_S: Final = 86_400
 
 
 def commands_for(device_type: str) -> dict[str, dict[str, tuple[float, float]]]:

@@ -65,9 +65,13 @@ class Groups:
 
 
 class Streams:
-    """Redis streams (capped) that feed the live SSE endpoint."""
+    """Redis streams that feed the live SSE endpoint (namespaced like topics)."""
 
+    # alert.*, notification.* and control.updated: trimmed by time (EVENT_RETENTION_S), so
+    # telemetry volume never pushes them out; SSE ids are its entry ids
     EVENTS: Final = "microgrid:events"
+    # device.latest: capped by count (LATEST_STREAM_MAXLEN), lossy by design
+    LATEST: Final = "microgrid:latest"
 
 
 class Events:

@@ -6,8 +6,8 @@ counted (`microgrid_readings_processed_total{outcome="duplicate"}`); one with ot
 not stored either, but dead-lettered to `telemetry.dlq` with reason `conflicting duplicate`
 before the poll's transaction commits, so nothing is silently lost or silently changed.
 
-Also announces each device's latest reading on the live event stream, at most once per
-`DEVICE_LATEST_INTERVAL_S` per device.
+Also announces each device's latest reading as a live `device.latest` event (to the lossy
+latest stream, `runtime.events`), at most once per `DEVICE_LATEST_INTERVAL_S` per device.
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ from litestar.static_files import create_static_files_router
 
 from query_api.alerts import AlertController, NotificationController
 from query_api.auth import LoginThrottle, TokenIssuer, ensure_demo_users, jwt_auth, login
-from query_api.control import ControlCommandController
+from query_api.control import ControlCommandController, get_catalogue
 from query_api.devices import DeviceController
 from query_api.ops import readyz
+from query_api.overview import get_overview
 from query_api.registry import RegistryController
 from query_api.rules import AlertRuleController, publish_all_rules
 from query_api.services import Services
@@ -75,6 +76,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AlertController,
             NotificationController,
             ControlCommandController,
+            get_catalogue,
+            get_overview,
             AlertRuleController,
             RegistryController,
             healthz,

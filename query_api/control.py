@@ -9,6 +9,10 @@ once.
 A user scoped to sites lists, reads and sends commands for their sites' devices only (the
 registry's owners, `query_api.scope`): another site's device or command answers 404, and a
 refused command is neither recorded nor queued.
+
+The catalogue (`GET /api/v1/control/catalogue`) says what a command request may hold, from the
+very tables the request is checked against (`contracts.control`): a client that builds its
+form from it sends nothing the API refuses for its type or ranges.
 """
 
 from __future__ import annotations
@@ -26,12 +30,22 @@ from psycopg.types.json import Jsonb
 
 from contracts.api import (
     CommandAccepted,
+    CommandCatalogue,
     CommandPage,
     CommandRequest,
     ControlCommand,
+    ParamRange,
     Transition,
 )
-from contracts.control import DEFAULT_TTL_S, CommandRequested, command_errors
+from contracts.control import (
+    COMMANDS,
+    DEFAULT_TTL_S,
+    MAX_TTL_S,
+    MIN_TTL_S,
+    CommandRequested,
+    command_errors,
+    commands_for,
+)
 from query_api.auth import OPERATORS
 from query_api.pagination import MAX_LIMIT, Cursor, decode_cursor, page_of, ts_key
 from query_api.publishing import published
@@ -222,3 +236,28 @@ class ControlCommandController(Controller):
         if row is None:
             raise problem(404, "Unknown command", f"no command {command_id}")
         return _command(row)
+
+
+CATALOGUE: Final = CommandCatalogue(
+    device_types={
+        device_type: {
+            command: {
+                name: ParamRange(min=float(low), max=float(high))
+                for name, (low, high) in spec.items()
+            }
+            for command, spec in sorted(commands_for(device_type).items())
+        }
+        for device_type in sorted(COMMANDS)
+    },
+    default_ttl_s=DEFAULT_TTL_S,
+    min_ttl_s=MIN_TTL_S,
+    max_ttl_s=MAX_TTL_S,
+)
+
+
+@get("/api/v1/control/catalogue", tags=["control"])
+async def get_catalogue() -> CommandCatalogue:
+    """The commands `POST /api/v1/control/commands` accepts, per device type: each command with
+    its parameters and the inclusive range of each (an empty object: the command takes none),
+    and `ttl_s`'s default and bounds. Any role."""
+    return CATALOGUE

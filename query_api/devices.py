@@ -1,4 +1,9 @@
-"""Devices: list with online status and latest metrics, detail, and downsampled readings.
+"""Devices: list with online status, whether they are alerting and latest metrics, detail,
+and downsampled readings.
+
+A device is online when its last reading is younger than `DEVICE_OFFLINE_AFTER_S` (`ONLINE`),
+alerting when one of its alerts is active (`ALERTING`: active_unacknowledged or
+active_acknowledged; a partial index of migration 011 holds just those alerts).
 
 A user scoped to sites sees the devices the registry gives to those sites; another site's
 device answers 404 as an unknown one does (`query_api.scope`)."""
@@ -8,14 +13,22 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from litestar import Controller, Request, get
 from litestar.params import Parameter
 from psycopg.rows import dict_row
 
 from contracts import METRICS
-from contracts.api import Bucket, Device, DevicePage, Metrics, ReadingSeries, Stat
+from contracts.api import (
+    Bucket,
+    Device,
+    DevicePage,
+    DeviceStatusFilter,
+    Metrics,
+    ReadingSeries,
+    Stat,
+)
 from contracts.readings import DeviceType
 from query_api.pagination import MAX_LIMIT, Cursor, decode_cursor, page_of
 from query_api.scope import in_scope, owns
@@ -23,9 +36,15 @@ from query_api.services import Services
 from runtime.http import problem
 from runtime.openapi import problems
 
-DEVICE_SQL = f"""
+# Conditions on a row `d` of devices (with `%(offline_after)s`, the settings' seconds).
+ONLINE = "d.last_seen > now() - make_interval(secs => %(offline_after)s)"
+ALERTING = (
+    "EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = d.device_id"
+    " AND a.status IN ('active_unacknowledged', 'active_acknowledged'))"
+)
+_DEVICE_SQL = f"""
 SELECT d.device_id, d.site_id, d.device_type, d.first_seen, d.last_seen,
-       d.last_seen > now() - make_interval(secs => %(offline_after)s) AS online,
+       {ONLINE} AS online, {ALERTING} AS alerting,
        l.ts, {", ".join(f"l.{m}" for m in METRICS)}
 FROM devices d LEFT JOIN device_latest l USING (device_id)
 WHERE {in_scope("d.device_id")}
@@ -33,11 +52,18 @@ WHERE {in_scope("d.device_id")}
   AND (%(device_type)s::text IS NULL OR d.device_type = %(device_type)s)
   AND (%(device_id)s::text IS NULL OR d.device_id = %(device_id)s)
   AND (%(after)s::text IS NULL OR d.device_id > %(after)s)
-  AND (%(status)s::text IS NULL OR (d.last_seen > now() - make_interval(secs => %(offline_after)s))
-       = (%(status)s = 'online'))
+  AND {{status}}
 ORDER BY d.device_id
 LIMIT %(limit)s
 """
+# By `status`: alerting is a condition of its own at the top of the WHERE, so the planner joins
+# the active alerts' index to the devices rather than probing it device by device.
+DEVICE_SQL: Final = {
+    None: _DEVICE_SQL.format(status="true"),
+    "online": _DEVICE_SQL.format(status=ONLINE),
+    "offline": _DEVICE_SQL.format(status=f"NOT ({ONLINE})"),
+    "alerting": _DEVICE_SQL.format(status=ALERTING),
+}
 
 MAX_POINTS = 2000
 MAX_SPAN = timedelta(days=31)
@@ -52,6 +78,7 @@ def _device(row: dict[str, Any]) -> Device:
         site_id=row["site_id"],
         device_type=row["device_type"],
         status="online" if row["online"] else "offline",
+        alerting=row["alerting"],
         first_seen=row["first_seen"],
         last_seen=row["last_seen"],
         latest=latest,
@@ -78,20 +105,20 @@ class DeviceController(Controller):
     async def _fetch(
         self, services: Services, sites: list[str] | None, **filters: Any
     ) -> list[dict[str, Any]]:
+        status = filters.pop("status", None)
         params = {
             "sites": sites,
             "site_id": None,
             "device_type": None,
             "device_id": None,
             "after": None,
-            "status": None,
             "limit": 1,
             **filters,
             "offline_after": services.settings.device_offline_after_s,
         }
         async with services.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(DEVICE_SQL, params)
+            await cur.execute(DEVICE_SQL[status], params)
             return await cur.fetchall()
 
     @get()
@@ -101,12 +128,15 @@ class DeviceController(Controller):
         request: Request[Any, Any, Any],
         site_id: str | None = None,
         device_type: Annotated[DeviceType | None, Parameter(description="only this type")] = None,
-        status: Annotated[str | None, Parameter(pattern="^(online|offline)$")] = None,
+        status: Annotated[
+            DeviceStatusFilter | None,
+            Parameter(description="`alerting`: with an active alert (acknowledged or not)"),
+        ] = None,
         cursor: Cursor = None,
         limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT)] = 100,
     ) -> DevicePage:
-        """Devices in id order, with online status and their latest metrics (of the user's
-        sites)."""
+        """Devices in id order, with online status, whether they are alerting and their
+        latest metrics (of the user's sites)."""
         after = decode_cursor(cursor, str)
         rows = await self._fetch(
             services,

@@ -16,9 +16,16 @@ from psycopg import AsyncConnection
 
 def in_scope(column: str = "device_id") -> str:
     """A WHERE condition: `column` names a device of the user's sites (`%(sites)s`)."""
+    return f"(%(sites)s::text[] IS NULL OR {of_sites(column)})"
+
+
+def of_sites(column: str = "device_id") -> str:
+    """`in_scope` for a user of some sites only (`%(sites)s` not NULL), for a query chosen by
+    whether the user is scoped: ANDed at the top of its WHERE, the planner joins the sites'
+    devices in the registry to the query's rows, where `in_scope` checks each row."""
     return (
-        f"(%(sites)s::text[] IS NULL OR {column} IN"
-        " (SELECT device_id FROM device_registry WHERE site_id = ANY(%(sites)s::text[])))"
+        f"{column} IN"
+        " (SELECT device_id FROM device_registry WHERE site_id = ANY(%(sites)s::text[]))"
     )
 
 

@@ -1,21 +1,29 @@
-"""The capped Redis stream that feeds live clients (SSE) with read-model changes.
+"""The Redis streams that feed live clients (SSE) with read-model changes.
 
-Projections and the query API append once their changes are committed; each SSE client reads
-the stream at its own pace and resumes from its `Last-Event-ID` (a stream entry id) as long as
-the entry is still in the stream.
+Projections and the query API append once their changes are committed. Events go to two
+streams, so telemetry volume never pushes an alert out:
+
+- alert.*, notification.* and control.updated go to the events stream (`Streams.EVENTS`),
+  trimmed by time: each XADD drops entries older than `EVENT_RETENTION_S` (MINID, approximate,
+  so Redis may keep a little more, never less). SSE clients resume it from their
+  `Last-Event-ID` (an entry id of this stream);
+- device.latest goes to the latest stream (`Streams.LATEST`), capped by count
+  (`LATEST_STREAM_MAXLEN`, approximate): lossy by design, never resumed (clients reload latest
+  values from the read model).
 
 A Redis outage stays local to the live feed: `append` encodes the events and hands them to a
 background publisher; it never waits for Redis and never raises for it, so a projection keeps
 writing PostgreSQL while Redis is away. The publisher writes the events in the order they were
-appended (a MULTI/EXEC of XADDs per batch, so a batch lands whole or not at all) and, while
-Redis cannot be reached, holds them and retries (backoff up to 1 s), then publishes the
-backlog in order: the stream catches up and clients resuming with `Last-Event-ID` get it.
+appended, each to its stream (one MULTI/EXEC of XADDs to both streams per batch, so a batch
+lands whole or not at all) and, while Redis cannot be reached, holds them and retries (backoff
+up to 1 s), then publishes the backlog in order: the streams catch up and clients resuming
+with `Last-Event-ID` get the events of the outage.
 
 The backlog is bounded: `device.latest` events are coalesced to the newest per device (a
 device's latest values supersede the older ones), other events are kept in order; each kind
-holds at most `EVENT_BACKLOG_MAX` (more would be trimmed from the stream on publication
-anyway), the oldest going first. What is dropped is logged and counted in
-`microgrid_live_events_dropped_total`; the read models in PostgreSQL hold everything.
+holds at most `EVENT_BACKLOG_MAX`, the oldest going first. What is dropped is logged and
+counted in `microgrid_live_events_dropped_total`; the read models in PostgreSQL hold
+everything.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import msgspec
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from contracts import Events, Streams
 from runtime.settings import Settings
@@ -72,7 +81,9 @@ class EventStream:
     def __init__(self, s: Settings) -> None:
         self.redis: Redis = Redis.from_url(s.redis_url, socket_connect_timeout=2, socket_timeout=5)
         self.key = s.topic(Streams.EVENTS)
-        self.maxlen = s.event_stream_maxlen
+        self.latest_key = s.topic(Streams.LATEST)
+        self.retention_ms = s.event_retention_s * 1000
+        self.latest_maxlen = s.latest_stream_maxlen
         self.backlog_max = s.event_backlog_max
         self._seq = itertools.count()
         self._others: deque[_Event] = deque()
@@ -177,14 +188,16 @@ class EventStream:
         self._trim()
 
     async def _publish(self, batch: list[_Event]) -> None:
+        # older than this goes (entry ids are Redis's milliseconds; Redis's clock and this
+        # process's are taken to agree within seconds)
+        horizon = int(time.time() * 1000) - self.retention_ms
         async with self.redis.pipeline(transaction=True) as pipe:
             for event in batch:
-                pipe.xadd(
-                    self.key,
-                    {"event": event.name, "data": event.data},
-                    maxlen=self.maxlen,
-                    approximate=True,
-                )
+                fields: dict[FieldT, EncodableT] = {"event": event.name, "data": event.data}
+                if event.name == Events.DEVICE_LATEST:
+                    pipe.xadd(self.latest_key, fields, maxlen=self.latest_maxlen, approximate=True)
+                else:
+                    pipe.xadd(self.key, fields, minid=horizon, approximate=True)
             await pipe.execute()
 
     async def _publish_forever(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 from typing import Final
 
 import psycopg
@@ -53,6 +54,25 @@ async def add(conn: psycopg.AsyncConnection, topic: str, key: str, value: bytes 
     assert row is not None
     await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
     return int(row[0])
+
+
+async def add_many(
+    conn: psycopg.AsyncConnection, topic: str, records: Sequence[tuple[str, bytes | None]]
+) -> list[int]:
+    """Queue records (key, value) for one topic inside the caller's transaction, in one
+    statement, as `add` queues one; they are published in this order once it commits. Returns
+    their outbox ids, in order."""
+    if not records:
+        return []
+    cur = await conn.execute(
+        "INSERT INTO outbox (topic, key, value)"
+        " SELECT %s, r.key, r.value FROM unnest(%s::bytea[], %s::bytea[])"
+        " WITH ORDINALITY AS r(key, value, n) ORDER BY r.n RETURNING id",
+        (topic, [key.encode() for key, _ in records], [value for _, value in records]),
+    )
+    ids = sorted(int(row[0]) for row in await cur.fetchall())
+    await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+    return ids
 
 
 class Relay:

@@ -116,7 +116,14 @@ class Settings(BaseSettings):
     login_max_verifications: int = Field(4, ge=1)
     device_offline_after_s: int = Field(120, ge=1)
     device_latest_interval_s: float = Field(2.0, ge=0, description="per-device SSE throttle")
-    event_stream_maxlen: int = Field(10_000, ge=100, description="events kept for resuming")
+    event_retention_s: int = Field(
+        900,
+        ge=600,
+        description="live alert, notification and command events kept for resuming, in seconds",
+    )
+    latest_stream_maxlen: int = Field(
+        10_000, ge=100, description="device.latest events kept in their (lossy) stream"
+    )
     event_backlog_max: int = Field(
         10_000, ge=100, description="live events held per kind while Redis is away"
     )

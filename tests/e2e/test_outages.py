@@ -1,22 +1,31 @@
 """Outages stay local: with Redis away the projections keep writing PostgreSQL, the live stream
-answers 503 and catches up once Redis returns; after a PostgreSQL restart the next request
-succeeds; while PostgreSQL is away the gateway trusts a key no longer than its cache time.
-Private Redis and PostgreSQL instances (tests/outages.py) and a Kafka namespace of their own
-keep the shared stack untouched."""
+answers 503 and catches up once Redis returns (a client resuming with Last-Event-ID gets the
+alert events of the outage, and the latest values held go to their lossy stream); after a
+PostgreSQL restart the next request succeeds; while PostgreSQL is away the gateway trusts a key
+no longer than its cache time. Private Redis and PostgreSQL instances (tests/outages.py) and a
+Kafka namespace of their own keep the shared stack untouched."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
+import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+import msgspec
 import psycopg
 import pytest
+from aiokafka import AIOKafkaProducer
+from redis import Redis
 
+from contracts import Streams, Topics
+from contracts.alerting import AlertEvent
 from runtime.db import migrate
 from runtime.kafka import delete_topics, ensure_topics, topic_specs
 from runtime.kafka_access import ensure_access, remove_access
@@ -62,6 +71,37 @@ def env_for(s: Settings, redis: PrivateRedis, **more: str) -> dict[str, str]:
     }
 
 
+def plant_alert(s: Settings, device: str, site: str) -> str:
+    """An alert opening on the device, as the alerter would announce it on `alerts` (the
+    projector stores it and announces alert.opened and notification.created): its id."""
+    alert_id = f"planted-{uuid.uuid4().hex}"
+    event = AlertEvent(
+        alert_id=alert_id,
+        kind="opened",
+        rule_id=str(uuid.uuid4()),
+        rule_name="planted",
+        device_id=device,
+        site_id=site,
+        severity="major",
+        at=datetime.now(UTC),
+        value=1.0,
+        message="planted by the outage test",
+    )
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(**s.kafka_client, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                s.topic(Topics.ALERTS), msgspec.json.encode(event), key=device.encode()
+            )
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+    return alert_id
+
+
 def login(api: str, s: Settings) -> httpx.Response:
     body = {"username": s.auth_admin_username, "password": s.auth_admin_password}
     return httpx.post(f"{api}/api/v1/auth/login", json=body, timeout=20)
@@ -86,12 +126,14 @@ def test_redis_away_for_30_s_under_load(
         with RetryingLoad(ingest, device_key, site) as load:
             wait_for(lambda: identity_rows(db, load.devices)[0] >= 500, 60, what="load under way")
             live = SSEClient(f"{api}/api/v1/stream", token)
-            seen = wait_for(lambda: live.of("device.latest"), 30, what="a live device.latest")
+            before = plant_alert(namespace, load.devices[0], site)
+            wait_for(lambda: live.of("notification.created", alert_id=before), 30, "an alert")
+            wait_for(lambda: live.of("device.latest"), 30, what="a live device.latest")
             live.close()
-            resume_from = seen[-1].id
+            resume_from = live.events[-1].id  # what a browser would send
 
             redis.down()
-            outage_began, before = load.stamp, load.sent
+            outage_began, before_outage = load.stamp, load.sent
             gone = time.monotonic()
             r = httpx.get(f"{api}/api/v1/stream", params={"access_token": token}, timeout=10)
             assert r.status_code == 503, r.text
@@ -99,10 +141,16 @@ def test_redis_away_for_30_s_under_load(
             assert int(r.headers["retry-after"]) >= 1
             assert login(api, namespace).status_code == 200  # throttle kept in the process
             # the projections keep writing while Redis is away
+            during = plant_alert(namespace, load.devices[1], site)
             wait_for(
-                lambda: identity_rows(db, load.devices)[0] >= before + 1000,
+                lambda: identity_rows(db, load.devices)[0] >= before_outage + 1000,
                 60,
                 what="readings stored during the outage",
+            )
+            wait_for(
+                lambda: db.execute("SELECT 1 FROM alerts WHERE id = %s", (during,)).fetchone(),
+                60,
+                what="the outage's alert stored",
             )
             wait_for(lambda: time.monotonic() - gone >= OUTAGE_S, OUTAGE_S + 5, what="30 s")
         # every reading answered 202 is stored, Redis still down
@@ -115,18 +163,32 @@ def test_redis_away_for_30_s_under_load(
         back = time.monotonic()
         resumed = SSEClient(f"{api}/api/v1/stream", token, last_event_id=resume_from)
         assert resumed.status == 200
-
-        def from_outage() -> set[str]:
-            return {
-                e.data["device_id"]
-                for e in resumed.of("device.latest")
-                if outage_began < datetime.fromisoformat(e.data["ts"]) <= outage_ended
-            }
-
-        wait_for(lambda: from_outage() == set(load.devices), 30, what="the outage's events")
+        wait_for(lambda: resumed.of("alert.opened", id=during), 30, what="the outage's alert")
+        wait_for(
+            lambda: resumed.of("notification.created", alert_id=during), 30, "its notification"
+        )
         caught_up = time.monotonic() - back
         resumed.close()
+        assert not resumed.of("alert.opened", id=before), "resumed before its place"
         assert not resumed.of("error"), "the resume lost its place"
+
+        # the latest values held through the outage went to their own (lossy) stream
+        latest_key = namespace.topic(Streams.LATEST)
+        stored = Redis.from_url(redis.url)
+
+        def from_outage() -> set[str]:
+            found: Any = stored.xrange(latest_key)
+            data = [json.loads(fields[b"data"]) for _, fields in found]
+            return {
+                d["device_id"]
+                for d in data
+                if outage_began < datetime.fromisoformat(d["ts"]) <= outage_ended
+            }
+
+        wait_for(lambda: from_outage() == set(load.devices), 30, what="the outage's latest values")
+        found: Any = stored.xrange(namespace.topic(Streams.EVENTS))
+        assert {fields[b"event"] for _, fields in found}.isdisjoint({b"device.latest"})
+        stored.close()
         log = (tmp_path / "projector.log").read_text(errors="replace")
         held = re.findall(r"Redis back: (\d+) held live events published in ([\d.]+) s", log)
         assert held, "the projector did not publish what it held"

@@ -257,6 +257,10 @@ ROUTES = [
     Route("GET", "/api/v1/devices/{device}", ALL, 200),
     Route("GET", "/api/v1/devices/{device}/readings", ALL, 200),
     Route("GET", "/api/v1/alerts", ALL, 200),
+    Route("GET", "/api/v1/alerts/groups", ALL, 200),
+    Route("POST", "/api/v1/alerts/ack", OPERATORS, 202),
+    Route("GET", "/api/v1/overview", ALL, 200),
+    Route("GET", "/api/v1/control/catalogue", ALL, 200),
     Route("GET", "/api/v1/notifications", ALL, 200),
     Route("POST", "/api/v1/notifications/{notification}/ack", OPERATORS, 200),
     Route("GET", "/api/v1/control/commands", ALL, 200),
@@ -296,6 +300,8 @@ def test_auth_matrix(
         body = threshold_rule()
     elif route.method == "POST" and path == "/api/v1/control/commands":
         body = {"device_id": fleet.battery, "command": "charge", "params": {"power_kw": 5}}
+    elif path == "/api/v1/alerts/ack":
+        body = {"ids": [f"al-{uuid.uuid4().hex}"]}  # none such: changes nothing either way
 
     headers = {} if caller == "anonymous" else auth({**tokens, **bad_tokens}[caller])
     before = written(db)
@@ -576,6 +582,7 @@ def test_alerts_paginate_in_order_without_repeats(
 
     filters: list[tuple[dict[str, str], Callable[[tuple[Any, ...]], bool]]] = [
         ({"status": "cleared"}, lambda r: r[4] == "cleared"),
+        ({"status": "open"}, lambda r: r[4] != "cleared"),
         ({"severity": "minor"}, lambda r: r[3] == "minor"),
         ({"device_id": devices[1]}, lambda r: r[1] == devices[1]),
         (
@@ -1043,7 +1050,6 @@ HOSTILE = [
 ]
 STRING_FILTERS = [
     ("/api/v1/devices", "site_id"),
-    ("/api/v1/alerts", "status"),
     ("/api/v1/alerts", "device_id"),
     ("/api/v1/alerts", "site_id"),
     ("/api/v1/notifications", "device_id"),
@@ -1054,7 +1060,9 @@ STRING_FILTERS = [
 REFUSED_FILTERS = [  # enums and cursors: the document says what they take
     ("/api/v1/devices", "status"),
     ("/api/v1/devices", "device_type"),
+    ("/api/v1/alerts", "status"),
     ("/api/v1/alerts", "severity"),
+    ("/api/v1/alerts", "rule_id"),
     ("/api/v1/notifications", "severity"),
     ("/api/v1/notifications", "unread"),
     ("/api/v1/devices", "cursor"),

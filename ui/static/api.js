@@ -3,14 +3,21 @@
 
 /** @typedef {{id: string, status?: "accepted"}} Accepted */
 /** @typedef {{id: string, rule_id: string, device_id: string, site_id: string, severity: string, status: string, message: string, value: number | null, opened_at: string, cleared_at: string | null, acknowledged_at: string | null, acknowledged_by: string | null}} Alert */
+/** @typedef {{ids?: Array<string> | null, rule_id?: string | null, site_id?: string | null, device_id?: string | null, severity?: "critical" | "major" | "minor" | "warning" | null, status?: "active_unacknowledged" | "cleared_unacknowledged" | "open" | null} & ({ids: any, rule_id?: null, site_id?: null, device_id?: null, severity?: null, status?: null} | {ids?: null} & ({rule_id: any} | {site_id: any} | {device_id: any} | {severity: any} | {status: any}))} AlertAckRequest */
+/** @typedef {{acknowledged: Array<string>, already: Array<string>, unknown: Array<string>, more: boolean}} AlertAckResult */
+/** @typedef {{critical: number, major: number, minor: number, warning: number}} AlertCounts */
+/** @typedef {{rule_id: string, rule_name: string, site_id: string, severity: string, count: number, unacknowledged: number, devices: number, first_opened_at: string, last_opened_at: string}} AlertGroup */
+/** @typedef {{items: Array<AlertGroup>, truncated: boolean}} AlertGroups */
 /** @typedef {{items: Array<Alert>, next_cursor: string | null}} AlertPage */
 /** @typedef {{items: Array<ThresholdRule | RateOfChangeRule | OfflineRule>, next_cursor: string | null}} AlertRulePage */
 /** @typedef {{t: string, count: number, metrics: Record<string, Stat>}} Bucket */
 /** @typedef {{id: string, status: "queued" | "processing" | "succeeded" | "failed"}} CommandAccepted */
+/** @typedef {{device_types: Record<string, Record<string, Record<string, ParamRange>>>, default_ttl_s: number, min_ttl_s: number, max_ttl_s: number}} CommandCatalogue */
 /** @typedef {{items: Array<ControlCommand>, next_cursor: string | null}} CommandPage */
 /** @typedef {{device_id: string, command: string, params?: Record<string, any>, ttl_s?: number | null}} CommandRequest */
 /** @typedef {{id: string, device_id: string, command: string, params: Record<string, any>, status: "queued" | "processing" | "succeeded" | "failed", reason: string | null, ttl_s: number, deadline: string, requested_by: string, created_at: string, updated_at: string, history: Array<Transition>, delivered_at?: string | null}} ControlCommand */
-/** @typedef {{device_id: string, site_id: string, device_type: string, status: "online" | "offline", first_seen: string, last_seen: string, latest: Metrics | null}} Device */
+/** @typedef {{device_id: string, site_id: string, device_type: string, status: "online" | "offline", alerting: boolean, first_seen: string, last_seen: string, latest: Metrics | null}} Device */
+/** @typedef {{total: number, online: number, offline: number, alerting: number}} DeviceCounts */
 /** @typedef {{device_id: string, from_site: string, to_site: string, moved_by: string, reason: string, moved_at: string}} DeviceMove */
 /** @typedef {{items: Array<Device>, next_cursor: string | null}} DevicePage */
 /** @typedef {{username: string, password: string}} LoginRequest */
@@ -19,6 +26,8 @@
 /** @typedef {{id: string, alert_id: string | null, device_id: string, site_id: string, kind: string, severity: string, title: string, created_at: string, read: boolean, acked_at: string | null, acked_by: string | null}} Notification */
 /** @typedef {{items: Array<Notification>, next_cursor: string | null}} NotificationPage */
 /** @typedef {{silent_s: number, name: string, severity: "critical" | "major" | "minor" | "warning", scope?: RuleScope, enabled?: boolean, id?: string | null, created_at?: string | null, updated_at?: string | null, kind: "offline"}} OfflineRule */
+/** @typedef {{devices: DeviceCounts, alerts: AlertCounts, unread_notifications: number, sites: Array<SiteSummary>, sites_truncated: boolean, offline_after_s: number}} Overview */
+/** @typedef {{min: number, max: number}} ParamRange */
 /** @typedef {{status: number, title: string, detail?: string | null}} Problem */
 /** @typedef {{metric: "voltage_v" | "current_a" | "frequency_hz" | "power_kw" | "soc_pct" | "temperature_c", threshold: number, window_s: number, op?: "gt" | "lt" | null, for_s?: number | null, name: string, severity: "critical" | "major" | "minor" | "warning", scope?: RuleScope, enabled?: boolean, id?: string | null, created_at?: string | null, updated_at?: string | null, kind: "rate_of_change"}} RateOfChangeRule */
 /** @typedef {{device_id: string, start: string, end: string, bucket_s: number, points: Array<Bucket>}} ReadingSeries */
@@ -27,6 +36,7 @@
 /** @typedef {{device_id: string, site_id: string, registered_at: string, registered_by: string}} Registration */
 /** @typedef {{items: Array<Registration>, next_cursor: string | null}} RegistrationPage */
 /** @typedef {{device_id?: string | null, site_id?: string | null, device_type?: "pv_inverter" | "battery" | "load" | "genset" | "meter" | null}} RuleScope */
+/** @typedef {{site_id: string, devices: number, online: number, alerting: number}} SiteSummary */
 /** @typedef {{min: number, avg: number, max: number}} Stat */
 /** @typedef {{metric: "voltage_v" | "current_a" | "frequency_hz" | "power_kw" | "soc_pct" | "temperature_c", op: "gt" | "lt" | "outside", threshold?: number | null, low?: number | null, high?: number | null, clear_threshold?: number | null, for_s?: number | null, name: string, severity: "critical" | "major" | "minor" | "warning", scope?: RuleScope, enabled?: boolean, id?: string | null, created_at?: string | null, updated_at?: string | null, kind: "threshold"} & ({op: "outside", low: number, high: number, threshold?: null} | {op: "gt" | "lt", threshold: number, low?: null, high?: null})} ThresholdRule */
 /** @typedef {{access_token: string, token_type: string, expires_in: number, role: "admin" | "operator" | "viewer"}} TokenResponse */
@@ -101,7 +111,7 @@ export const getReadings = (args = {}) =>
   call("GET", "/api/v1/devices/{device_id}/readings", {"device_id": "path", "from": "query", "to": "query", "points": "query", "metrics": "query"}, args);
 
 /** ListDevices (GET /api/v1/devices)
- * @param {{site_id?: string | null, device_type?: "pv_inverter" | "battery" | "load" | "genset" | "meter" | null, status?: string | null, cursor?: string | null, limit?: number}=} args
+ * @param {{site_id?: string | null, device_type?: "pv_inverter" | "battery" | "load" | "genset" | "meter" | null, status?: "online" | "offline" | "alerting" | null, cursor?: string | null, limit?: number}=} args
  * @returns {Promise<DevicePage>} */
 export const listDevices = (args = {}) =>
   call("GET", "/api/v1/devices", {"site_id": "query", "device_type": "query", "status": "query", "cursor": "query", "limit": "query"}, args);
@@ -112,11 +122,23 @@ export const listDevices = (args = {}) =>
 export const ackAlert = (args = {}) =>
   call("POST", "/api/v1/alerts/{alert_id}/ack", {"alert_id": "path"}, args);
 
+/** AckAlerts (POST /api/v1/alerts/ack)
+ * @param {{body: AlertAckRequest}} args
+ * @returns {Promise<AlertAckResult>} */
+export const ackAlerts = (args = {}) =>
+  call("POST", "/api/v1/alerts/ack", {}, args);
+
+/** ListAlertGroups (GET /api/v1/alerts/groups)
+ * @param {{status?: "active_unacknowledged" | "active_acknowledged" | "cleared" | "cleared_unacknowledged" | "open", severity?: "critical" | "major" | "minor" | "warning" | null, rule_id?: string | null, device_id?: string | null, site_id?: string | null}=} args
+ * @returns {Promise<AlertGroups>} */
+export const listAlertGroups = (args = {}) =>
+  call("GET", "/api/v1/alerts/groups", {"status": "query", "severity": "query", "rule_id": "query", "device_id": "query", "site_id": "query"}, args);
+
 /** ListAlerts (GET /api/v1/alerts)
- * @param {{status?: string | null, severity?: "critical" | "major" | "minor" | "warning" | null, device_id?: string | null, site_id?: string | null, cursor?: string | null, limit?: number}=} args
+ * @param {{status?: "active_unacknowledged" | "active_acknowledged" | "cleared" | "cleared_unacknowledged" | "open" | null, severity?: "critical" | "major" | "minor" | "warning" | null, rule_id?: string | null, device_id?: string | null, site_id?: string | null, cursor?: string | null, limit?: number}=} args
  * @returns {Promise<AlertPage>} */
 export const listAlerts = (args = {}) =>
-  call("GET", "/api/v1/alerts", {"status": "query", "severity": "query", "device_id": "query", "site_id": "query", "cursor": "query", "limit": "query"}, args);
+  call("GET", "/api/v1/alerts", {"status": "query", "severity": "query", "rule_id": "query", "device_id": "query", "site_id": "query", "cursor": "query", "limit": "query"}, args);
 
 /** AckNotification (POST /api/v1/notifications/{notification_id}/ack)
  * @param {{notification_id: string}} args
@@ -147,6 +169,18 @@ export const listCommands = (args = {}) =>
  * @returns {Promise<CommandAccepted>} */
 export const sendCommand = (args = {}) =>
   call("POST", "/api/v1/control/commands", {"Idempotency-Key": "header"}, args);
+
+/** GetCatalogue (GET /api/v1/control/catalogue)
+ * @param {{}=} args
+ * @returns {Promise<CommandCatalogue>} */
+export const getCatalogue = (args = {}) =>
+  call("GET", "/api/v1/control/catalogue", {}, args);
+
+/** GetOverview (GET /api/v1/overview)
+ * @param {{site_id?: string | null, device_type?: "pv_inverter" | "battery" | "load" | "genset" | "meter" | null}=} args
+ * @returns {Promise<Overview>} */
+export const getOverview = (args = {}) =>
+  call("GET", "/api/v1/overview", {"site_id": "query", "device_type": "query"}, args);
 
 /** ListRules (GET /api/v1/alert-rules)
  * @param {{}=} args
@@ -209,7 +243,7 @@ export const readyz = (args = {}) =>
   call("GET", "/readyz", {}, args);
 
 /** Stream (GET /api/v1/stream): its URL, for an EventSource.
- * @param {{access_token?: string | null, "Last-Event-ID"?: string | null}=} args
+ * @param {{access_token?: string | null, "Last-Event-ID"?: string | null, last_event_id?: string | null, site_id?: Array<string> | string, device_id?: Array<string> | string, event?: Array<string> | string}=} args
  * @returns {string} */
 export const streamUrl = (args = {}) =>
-  target("/api/v1/stream", {"access_token": "query", "Last-Event-ID": "header"}, args);
+  target("/api/v1/stream", {"access_token": "query", "Last-Event-ID": "header", "last_event_id": "query", "site_id": "query", "device_id": "query", "event": "query"}, args);
