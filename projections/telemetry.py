@@ -7,11 +7,14 @@ not stored either, but dead-lettered to `telemetry.dlq` with reason `conflicting
 before the poll's transaction commits, so nothing is silently lost or silently changed.
 
 Also announces each device's latest reading as a live `device.latest` event (to the lossy
-latest stream, `runtime.events`), at most once per `DEVICE_LATEST_INTERVAL_S` per device.
+latest stream, `runtime.events`), at most once per `DEVICE_LATEST_INTERVAL_S` per device. A
+reading that comes sooner is held (the newest per device) and announced when the interval has
+passed, so the last value a device sent always reaches live clients.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, date, datetime
@@ -56,6 +59,8 @@ class TelemetryProjection(Projection[Source]):
         self.days: set[date] = set()
         self.events = events
         self.announced: dict[str, float] = {}
+        self.held: dict[str, Reading] = {}  # came within the interval: announced after it
+        self.flusher: asyncio.Task[None] | None = None
         self._counts = {
             outcome: READINGS.labels(self.group, outcome)
             for outcome in ("stored", "duplicate", "conflict")
@@ -83,17 +88,41 @@ class TelemetryProjection(Projection[Source]):
 
         async def announce() -> None:
             self.days |= new_days  # their partitions exist once the transaction committed
-            now = time.monotonic()
-            due = [
-                r
-                for r in latest
-                if now - self.announced.get(r.device_id, 0.0) >= self.s.device_latest_interval_s
-            ]
-            for r in due:
-                self.announced[r.device_id] = now
-            await self.events.append([(Events.DEVICE_LATEST, r) for r in due])
+            await self._announce(latest)
 
         return announce
+
+    def _due(self, readings: list[Reading], now: float) -> list[Reading]:
+        """Of these readings, the ones whose device may be announced now (marked announced);
+        the others are held, the newest per device."""
+        interval = self.s.device_latest_interval_s
+        due = []
+        for r in readings:
+            if now - self.announced.get(r.device_id, 0.0) >= interval:
+                self.announced[r.device_id] = now
+                self.held.pop(r.device_id, None)
+                due.append(r)
+            else:
+                self.held[r.device_id] = r
+        return due
+
+    async def _announce(self, latest: list[Reading]) -> None:
+        """Announce a batch's latest readings (work in proportion to the batch); a task
+        announces the held ones once their interval has passed."""
+        now = time.monotonic()
+        if len(self.announced) > 200_000:  # devices gone quiet: forget them
+            horizon = now - self.s.device_latest_interval_s
+            self.announced = {d: t for d, t in self.announced.items() if t > horizon}
+        await self.events.append([(Events.DEVICE_LATEST, r) for r in self._due(latest, now)])
+        if self.held and (self.flusher is None or self.flusher.done()):
+            self.flusher = asyncio.create_task(self._flush_held(), name="latest-held")
+
+    async def _flush_held(self) -> None:
+        while self.held:
+            await asyncio.sleep(max(self.s.device_latest_interval_s / 2, 0.01))
+            held, self.held = list(self.held.values()), {}
+            due = self._due(held, time.monotonic())  # the ones not due yet are held again
+            await self.events.append([(Events.DEVICE_LATEST, r) for r in due])
 
     async def dead_letter(self, conflicts: list[tuple[Source, Reading]]) -> None:
         await self.dead_letters.send_letters(

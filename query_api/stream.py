@@ -15,7 +15,7 @@ read for this client, those the filters left out included, or where the stream s
 client connected), so the browser's Last-Event-ID always names a reliable position. The stream
 opens with that position alone (`id:` and a comment, no event: browsers keep it for their own
 reconnection and dispatch nothing), so a client that loses the connection before any event
-still resumes from where it started. A client
+still resumes from where it started; keep-alive comments carry the position too. A client
 that reconnects with `Last-Event-ID` (or `last_event_id=`, for an EventSource the client has to
 re-create, after a 401 or a 503, which cannot set the header; the header wins) gets every event
 of the events stream still there after that id. The latest feed is never resumed: it starts at
@@ -307,7 +307,7 @@ async def _events(
     # The position it starts from, as an id without an event (browsers keep it for their
     # reconnection and dispatch nothing): a client that loses the connection before any event
     # resumes from here and misses nothing.
-    yield ServerSentEventMessage(id=at.cursor, comment="position")
+    yield ServerSentEventMessage(id=at.cursor, comment="position", data=None)
     quiet_since = time.monotonic()  # when the client was last sent something
     while True:
         left_ms = int((expires_at - time.time()) * 1000)
@@ -374,7 +374,8 @@ async def _events(
         if sent:
             quiet_since = now
         elif (now - quiet_since) * 1000 >= HEARTBEAT_MS:
-            yield ServerSentEventMessage(comment="keep-alive")
+            # with the position: a filtered client's id keeps up with the stream while quiet
+            yield ServerSentEventMessage(id=at.cursor, comment="keep-alive", data=None)
             quiet_since = now
 
 

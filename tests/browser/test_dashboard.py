@@ -72,6 +72,7 @@ def open_as(browser: Browser, platform: Components, role: str, path: str = "#/")
     page.click("#login button[type=submit]")
     expect(page.locator("#role")).to_have_text(role)
     expect(page.locator("#live")).to_have_attribute("data-state", "live", timeout=15_000)
+    expect(page.locator("body")).to_have_attribute("data-view", re.compile("."))  # loaded
     return page
 
 
@@ -257,7 +258,16 @@ def test_the_live_chart_gains_a_point_when_a_reading_arrives(
     device = f"ui-{uuid.uuid4().hex[:8]}"
     for ago in (90, 60, 30):
         send(platform, device_key, battery(device, site, ago, power_kw=2.0, soc_pct=55))
-    reported(db, device)
+    wait_for(
+        lambda: (
+            db.execute(
+                "SELECT count(*) FROM telemetry_readings WHERE device_id = %s", (device,)
+            ).fetchone()
+            == (3,)
+        ),
+        15,
+        "the three readings stored",
+    )
     page = open_as(browser, platform, "viewer", f"#/devices/{device}")
     chart = page.locator("#live-chart")
     expect(chart).to_have_attribute("data-points", "3", timeout=10_000)
@@ -355,6 +365,25 @@ def test_an_alert_storm_stays_grouped_and_costs_few_requests(
     )
     assert r.status_code == 201, r.text
     rule_id = r.json()["id"]
+    try:
+        _storm_on_screen(platform, browser, db, site, device_key, name, rule_id)
+    finally:  # its alerts stay, but it raises no more
+        httpx.delete(
+            f"{platform.api_url}/api/v1/alert-rules/{rule_id}",
+            headers={"Authorization": f"Bearer {tokens['admin']}"},
+            timeout=10,
+        )
+
+
+def _storm_on_screen(
+    platform: Components,
+    browser: Browser,
+    db: psycopg.Connection,
+    site: str,
+    device_key: str,
+    name: str,
+    rule_id: str,
+) -> None:
     # a first device proves the alerter has the rule (it travels through its topic)
     probe = f"ui-{uuid.uuid4().hex[:8]}"
 

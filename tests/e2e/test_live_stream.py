@@ -459,3 +459,23 @@ def test_a_resume_is_told_of_trimmed_events_only_when_some_may_be_gone(stack: Se
         "from the start, after a trim": True,
         "a stream made again": True,
     }
+
+
+def test_a_reading_within_the_latest_interval_arrives_once_the_interval_passed(
+    platform: Components, tokens: dict[str, str], site: str, device_key: str
+) -> None:
+    """device.latest is throttled per device (DEVICE_LATEST_INTERVAL_S), never stale: the last
+    of readings sent in quick succession is announced when the interval has passed."""
+    device = new_device()
+    live = SSEClient(f"{platform.api_url}/api/v1/stream?device_id={device}", tokens["viewer"])
+    try:
+        send(platform, device_key, device, site, soc_pct=50)
+        wait_for(lambda: live.of(Events.DEVICE_LATEST, soc_pct=50), 15, "the first reading")
+        for soc in (51, 52, 53):  # well within the 2 s interval of the first
+            send(platform, device_key, device, site, soc_pct=soc)
+        wait_for(lambda: live.of(Events.DEVICE_LATEST, soc_pct=53), 15, "the last reading")
+        values = [e.data["soc_pct"] for e in live.of(Events.DEVICE_LATEST)]
+        assert values[0] == 50 and values[-1] == 53, values
+        assert len(values) <= 3, values  # held and coalesced, not one event per reading
+    finally:
+        live.close()

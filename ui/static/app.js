@@ -135,6 +135,7 @@ $("#login").addEventListener("submit", async (event) => {
 $("#logout").addEventListener("click", () => {
   stopStream();
   state.token = null;
+  state.site = "";
   sessionStorage.clear();
   client.configure({ token: null });
   setLive("connecting", "Logged out");
@@ -157,7 +158,8 @@ async function start() {
   restart();
 }
 
-// a new site scope or a new session: a fresh stream, then fresh snapshots
+// a new site scope or a new session: a fresh stream, then, once it is open (its position is
+// fixed), fresh snapshots; alert and notification events count from the snapshots on
 function restart() {
   state.ready = false;
   state.lastEventId = null;
@@ -165,13 +167,12 @@ function restart() {
   state.devices.clear();
   state.spark.clear();
   connect();
-  loadShared().then(route);
 }
 
 async function loadShared() {
   const [overview, rules, catalogue] = await Promise.all([
     act(() => client.getOverview({ site_id: state.site || undefined })),
-    state.rules.size ? null : act(() => client.listRules({ limit: 500 })),
+    state.rules.size ? null : act(() => client.listRules()),
     state.catalogue ? null : act(() => client.getCatalogue()),
   ]);
   if (rules) for (const r of rules.items) state.rules.set(r.id, r.name);
@@ -216,10 +217,16 @@ function connect() {
   let resumed = Boolean(state.lastEventId);
   stream.onopen = () => {
     setLive("live", "Live");
-    if (resumed) say("");
     state.backoff = 1000;
-    // latest values are a lossy feed that starts afresh: show the current ones again
-    if (resumed) reloadLatest();
+    if (!state.ready) {
+      // the first snapshots, read now that the stream's position is fixed (or again: the
+      // last attempt did not finish)
+      loadShared().then(() => route(true));
+    } else if (resumed) {
+      say("");
+      // latest values are a lossy feed that starts afresh: show the current ones again
+      reloadLatest();
+    }
     resumed = true;
   };
   stream.onerror = (event) => {
@@ -228,27 +235,33 @@ function connect() {
       // refused (API starting, token gone): the browser gives up, so try again ourselves,
       // from the last event's id; without one (nothing came yet) read the views again
       if (tokenExpired()) return expire("Session expired");
-      if (!state.lastEventId) {
-        stopStream();
-        setLive("reconnecting", "Reconnecting…");
-        state.retry = setTimeout(restart, state.backoff);
-        state.backoff = Math.min(state.backoff * 2, 10_000);
-        return;
-      }
+      stopStream();
       setLive("reconnecting", "Reconnecting…");
-      state.retry = setTimeout(connect, state.backoff);
+      const delay = state.backoff;
       state.backoff = Math.min(state.backoff * 2, 10_000);
+      state.retry = setTimeout(async () => {
+        // a refusal other than expiry (user deleted, secret rotated): a call says which,
+        // and a 401 leads back to the login form
+        try {
+          await client.getOverview({ site_id: state.site || undefined });
+        } catch (e) {
+          if (e.status === 401 || e.status === 403) return;
+        }
+        if (!state.token) return;
+        // from the last event's id; without one (none came yet) read the views again
+        if (state.lastEventId) connect();
+        else restart();
+      }, delay);
     } else {
       setLive("reconnecting", "Reconnecting…"); // the browser retries with Last-Event-ID
     }
   };
   stream.addEventListener("error", (event) => {
     if (!event.data) return;
-    // fell behind, or resumed after events were dropped: what is on screen may be stale
+    // fell behind, or resumed after events were dropped: what is on screen may be stale, and
+    // what the stream sends next would be counted on top of it: start afresh from now
     say(`Live updates: ${JSON.parse(event.data).reason}; views reloaded.`);
-    state.ready = false;
-    state.applied.clear();
-    loadShared().then(route);
+    restart();
   });
   stream.addEventListener("session.expired", () => expire("Session expired"));
   for (const [name, handle] of Object.entries(HANDLERS)) {
@@ -261,7 +274,23 @@ function connect() {
 
 async function reloadLatest() {
   if (currentView() === "overview") await loadDevices();
-  if (state.device) await loadDeviceFacts();
+  if (state.device) await Promise.all([loadDeviceFacts(), loadLive()]);
+}
+
+// Counts and flags an event cannot settle alone (a device's other alerts, an event that raced
+// a snapshot) are read again once alert events pause: one request per view, never per event.
+let settleTimer = 0;
+function settleLater() {
+  clearTimeout(settleTimer);
+  settleTimer = setTimeout(async () => {
+    const view = currentView();
+    if (view === "overview") {
+      const o = await act(() => client.getOverview({ site_id: state.site || undefined }));
+      if (o) applyOverview(o);
+      await loadDevices();
+    }
+    if (state.device) await loadDeviceFacts();
+  }, 5000);
 }
 
 // -------------------------------------------------------------- overview ----
@@ -406,7 +435,7 @@ function onLatest(r) {
   }
   if (d) {
     d.latest = r;
-    if (!d.last_seen || r.ts > d.last_seen) d.last_seen = r.ts;
+    if (!d.last_seen || Date.parse(r.ts) > Date.parse(d.last_seen)) d.last_seen = r.ts;
     const v = r[metric];
     if (v !== null && v !== undefined) {
       const values = state.spark.get(r.device_id) || [];
@@ -416,10 +445,13 @@ function onLatest(r) {
     }
     schedule(renderDevices);
   }
-  if (state.device && state.device.id === r.device_id) {
-    state.device.device.latest = r;
-    state.device.live.add(r);
-    schedule(renderDeviceFacts);
+  const page = state.device;
+  if (page && page.id === r.device_id) {
+    page.live.add(r);
+    if (page.device) {
+      page.device.latest = r;
+      schedule(renderDeviceFacts);
+    }
   }
 }
 
@@ -448,10 +480,16 @@ function alertFilter() {
   };
 }
 
+let groupsAsked = 0;
 async function loadAlertGroups(target) {
   const filter = alertFilter();
+  const asked = ++groupsAsked;
   const body = await act(() => client.listAlertGroups({ ...filter, site_id: state.site || undefined }));
-  if (!body) return;
+  if (!body) {
+    state.ready = false; // not read (the API away): read the views again once the stream opens
+    return;
+  }
+  if (asked !== groupsAsked) return; // a later request (another view, filter) wins
   const groups = new Map();
   for (const g of body.items) groups.set(groupKey(g), { ...g });
   state.alerts = { filter, groups, open: new Map(), target };
@@ -477,14 +515,17 @@ function onAlert(a, name) {
   const before = previous(a, name);
   // open alerts by severity (the overview's tiles)
   const wasOpen = before !== null && before !== "cleared";
-  state.severityCounts[a.severity] += (a.status !== "cleared") - wasOpen;
+  state.severityCounts[a.severity] = Math.max(0,
+    state.severityCounts[a.severity] + (a.status !== "cleared") - wasOpen);
   schedule(renderCounts);
   const row = state.devices.get(a.device_id);
-  if (row && name !== "alert.acknowledged") {
-    row.alerting = a.status.startsWith("active") || (row.alerting && name !== "alert.cleared");
+  if (row && name === "alert.opened") {
+    row.alerting = true;
     schedule(renderDevices);
   }
+  settleLater(); // a clear leaves the device alerting if it has other active alerts
   if (state.device && state.device.id === a.device_id) {
+    if (name === "alert.opened" && state.device.device) state.device.device.alerting = true;
     state.device.alerts.set(a.id, a);
     schedule(renderDeviceAlerts);
   }
@@ -542,7 +583,7 @@ function groupBlock(key, g, view) {
     el("span", { class: "group-count", text: `${g.count} alert${g.count === 1 ? "" : "s"}` }),
     el("span", { class: "muted", text: `${g.unacknowledged} unacknowledged` }),
     canAct() && g.unacknowledged > 0
-      ? el("button", { type: "button", onclick: () => ackGroup(g, view.filter),
+      ? el("button", { type: "button", onclick: (e) => ackGroup(g, view.filter, e.target),
         text: "Acknowledge all", "aria-label": `Acknowledge all ${g.rule_name} alerts of ${g.site_id}` })
       : null,
   );
@@ -610,7 +651,8 @@ async function ackOne(a, button) {
   // the alert.acknowledged event updates the row
 }
 
-async function ackGroup(g, filter) {
+async function ackGroup(g, filter, button) {
+  button.disabled = true;
   const body = { rule_id: g.rule_id, site_id: g.site_id, severity: g.severity, status: "open" };
   if (filter.status === "active_unacknowledged" || filter.status === "cleared_unacknowledged") {
     body.status = filter.status;
@@ -629,6 +671,11 @@ function onNotification(n, name) {
   schedule(renderBadge);
   if (currentView() === "notifications") {
     state.notifications.set(n.id, n);
+    if (state.notifications.size > 400) {
+      const oldest = [...state.notifications.values()]
+        .sort((x, y) => (x.created_at < y.created_at ? -1 : 1)).slice(0, 200);
+      for (const old of oldest) state.notifications.delete(old.id);
+    }
     schedule(renderNotifications);
   }
 }
@@ -665,6 +712,7 @@ async function openDevice(id) {
     id, device: null, alerts: new Map(), commands: new Map(),
     live: liveChart($("#live-chart"), LIVE_WINDOW_S), history: null,
   };
+  const page = state.device;
   $("#device-title").textContent = id;
   $("#device-facts").textContent = "";
   const [found, alerts, commands] = await Promise.all([
@@ -672,8 +720,7 @@ async function openDevice(id) {
     act(() => client.listAlerts({ device_id: id, limit: 50 })),
     act(() => client.listCommands({ device_id: id, limit: 20 })),
   ]);
-  if (!found) return;
-  const page = state.device;
+  if (!found || state.device !== page) return; // not found, or another page meanwhile
   if (alerts) for (const a of alerts.items) page.alerts.set(a.id, a);
   if (commands) for (const c of commands.items) page.commands.set(c.id, c);
   schedule(renderDeviceAlerts);
@@ -687,7 +734,7 @@ async function loadDeviceFacts() {
   const d = await act(() => client.getDevice({ device_id: page.id }), (m) => {
     $("#device-facts").textContent = m;
   });
-  if (!d) return false;
+  if (!d || state.device !== page) return false;
   page.device = d;
   schedule(renderDeviceFacts);
   return true;
@@ -713,6 +760,7 @@ $("#chart-metric").addEventListener("change", () => {
 
 async function loadLive() {
   const page = state.device;
+  if (!page) return;
   const to = new Date();
   const from = new Date(to.getTime() - LIVE_WINDOW_S * 1000);
   const series = await act(() => client.getReadings({
@@ -724,6 +772,7 @@ async function loadLive() {
 
 async function loadHistory() {
   const page = state.device;
+  if (!page) return;
   const form = new FormData($("#history-range"));
   let from;
   let to;
@@ -801,7 +850,16 @@ function onCommand(c) {
 
 // The form is built from the catalogue: the commands this device's type accepts, a number
 // input with its range per parameter; the browser checks the ranges before anything is sent.
-let idempotencyKey = crypto.randomUUID();
+// One key per distinct request: a retry or a double click of the same command reuses it (the
+// API returns the command it made first), another command or device gets a new one.
+let pending = { key: null, what: null };
+function keyFor(what) {
+  if (pending.what !== what) {
+    const bytes = crypto.getRandomValues(new Uint8Array(16)); // randomUUID needs HTTPS
+    pending = { key: [...bytes].map((b) => b.toString(16).padStart(2, "0")).join(""), what };
+  }
+  return pending.key;
+}
 function buildControl() {
   const page = state.device;
   const form = $("#control");
@@ -836,11 +894,12 @@ $("#control").addEventListener("submit", async (event) => {
   if (form.elements.ttl_s.value) body.ttl_s = Number(form.elements.ttl_s.value);
   const button = form.querySelector("button[type=submit]");
   button.disabled = true; // and a retry of this submission carries the same key: one command
-  const answer = await act(() => client.sendCommand({ "Idempotency-Key": idempotencyKey, body }),
+  const key = keyFor(JSON.stringify(body));
+  const answer = await act(() => client.sendCommand({ "Idempotency-Key": key, body }),
     (m) => { $("#control-message").textContent = m; });
   button.disabled = false;
   if (!answer) return;
-  idempotencyKey = crypto.randomUUID();
+  pending = { key: null, what: null }; // answered: the next submission is a new command
   $("#control-message").textContent = `Command ${answer.id.slice(0, 8)} ${answer.status}.`;
   if (!page.commands.has(answer.id)) {
     page.commands.set(answer.id, { id: answer.id, device_id: page.id, ...body, status: answer.status,
@@ -866,9 +925,11 @@ function currentView() {
   return "overview";
 }
 
-async function route() {
+// afterShared: the overview was just read (loadShared)
+async function route(afterShared = false) {
   if (!state.token) return;
   const view = currentView();
+  delete document.body.dataset.view; // set again once the view has what it shows
   for (const section of document.querySelectorAll(".view")) section.hidden = section.id !== view;
   for (const link of document.querySelectorAll("#nav a")) {
     const here = link.getAttribute("href") === (location.hash || "#/");
@@ -877,8 +938,12 @@ async function route() {
   }
   if (view !== "device") closeDevice();
   if (view === "overview") {
-    await Promise.all([loadDevices(), loadAlertGroups("#overview-alerts")]);
-    schedule(renderCounts);
+    const [o] = await Promise.all([
+      afterShared ? null : act(() => client.getOverview({ site_id: state.site || undefined })),
+      loadDevices(),
+      loadAlertGroups("#overview-alerts"),
+    ]);
+    if (o) applyOverview(o);
   } else if (view === "alerts") {
     await loadAlertGroups("#alert-groups");
   } else if (view === "notifications") {
@@ -886,8 +951,9 @@ async function route() {
   } else {
     await openDevice(decodeURIComponent(location.hash.slice("#/devices/".length)));
   }
+  if (currentView() === view) document.body.dataset.view = view;
 }
-window.addEventListener("hashchange", route);
+window.addEventListener("hashchange", () => route());
 
 // devices that stop reporting turn offline on screen without a request
 setInterval(() => {

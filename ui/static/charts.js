@@ -21,6 +21,7 @@ export function liveChart(container, windowS) {
   let xs = [];
   let ys = [];
   let plot = null;
+  let seededUntil = 0; // the end of the last bucket the readings endpoint gave
   let unfit = () => {};
   const draw = () => {
     const now = Date.now() / 1000;
@@ -41,11 +42,13 @@ export function liveChart(container, windowS) {
       metric = name;
       xs = [];
       ys = [];
+      seededUntil = 0;
       for (const b of series.points) {
         const stat = b.metrics[name];
         if (!stat) continue;
         xs.push(new Date(b.t).getTime() / 1000);
         ys.push(stat.avg);
+        seededUntil = xs[xs.length - 1] + series.bucket_s;
       }
       if (plot) {
         plot.destroy();
@@ -66,6 +69,7 @@ export function liveChart(container, windowS) {
       const value = metric && reading[metric];
       if (value === null || value === undefined) return;
       const t = new Date(reading.ts).getTime() / 1000;
+      if (t < seededUntil) return; // in a bucket the chart was seeded with
       if (xs.length && t <= xs[xs.length - 1]) {
         // a late or repeated reading: keep the series in time order
         const i = xs.findIndex((x) => x >= t);
