@@ -581,7 +581,7 @@ def test_alerts_paginate_in_order_without_repeats(
     assert first["value"] == 81.5
     assert datetime.fromisoformat(first["opened_at"]) == expected[0][5]
 
-    filters: list[tuple[dict[str, str], Callable[[tuple[Any, ...]], bool]]] = [
+    filters: list[tuple[dict[str, Any], Callable[[tuple[Any, ...]], bool]]] = [
         ({"status": "cleared"}, lambda r: r[4] == "cleared"),
         ({"status": "open"}, lambda r: r[4] != "cleared"),
         ({"severity": "minor"}, lambda r: r[3] == "minor"),
