@@ -60,7 +60,7 @@ export function liveChart(container, windowS) {
         title: `${name}, live`,
         scales: { x: { time: true } },
         series: [{}, { label: name, stroke: ACCENT, width: 2, points: { show: true, size: 4 } }],
-        axes: [{}, { label: name }],
+        axes: [{}, { label: name, size: 70 }],
       }, [xs, ys], container);
       unfit = fit(container, plot);
       draw();
@@ -117,7 +117,7 @@ export function historyChart(container, name, series) {
       { label: "max", stroke: "#6b7585", width: 1 },
     ],
     bands: [{ series: [3, 2], fill: BAND }],
-    axes: [{}, { label: name }],
+    axes: [{}, { label: name, size: 70 }],
   }, [xs, avg, lo, hi], container);
   const unfit = fit(container, plot);
   return {
