@@ -132,6 +132,26 @@ FROM notifications WHERE id = %(id)s AND {in_scope()}
 """
 
 
+def _acknowledged(
+    row: dict[str, Any], by: str, at: datetime, *, notification: bool = False
+) -> bytes:
+    """The event that acknowledges an alert (a row of the alert queries), or marks a
+    notification read (`notification`, a row of the notification queries), by `by`."""
+    event = AlertEvent(
+        alert_id=(row["alert_id"] or "") if notification else row["id"],
+        kind="read" if notification else "acknowledged",
+        rule_id="" if notification else row["rule_id"],
+        rule_name="",
+        device_id=row["device_id"],
+        site_id=row["site_id"],
+        severity=row["severity"],
+        at=at,
+        by=by,
+        notification_id=row["id"] if notification else None,
+    )
+    return msgspec.json.encode(event)
+
+
 async def _acknowledge(
     services: Services, ident: str, user: User, what: str
 ) -> tuple[dict[str, Any], bool]:
@@ -149,19 +169,8 @@ async def _acknowledge(
             raise problem(404, f"Unknown {what}", f"no {what} {ident!r}")
         if row["acknowledged_at" if alert else "acked_at"] is not None:
             return row, True  # the first acknowledgement stands
-        event = AlertEvent(
-            alert_id=ident if alert else (row["alert_id"] or ""),
-            kind="acknowledged" if alert else "read",
-            rule_id=row["rule_id"] if alert else "",
-            rule_name="",
-            device_id=row["device_id"],
-            site_id=row["site_id"],
-            severity=row["severity"],
-            at=datetime.now(UTC),
-            by=user.username,
-            notification_id=None if alert else ident,
-        )
-        await outbox.add(conn, services.alerts_topic, row["device_id"], msgspec.json.encode(event))
+        event = _acknowledged(row, user.username, datetime.now(UTC), notification=not alert)
+        await outbox.add(conn, services.alerts_topic, row["device_id"], event)
     done = f"{sql} AND {'acknowledged_at' if alert else 'acked_at'} IS NOT NULL"
     shown = await once_projected(services, done, params)
     return (shown, True) if shown is not None else (row, False)
@@ -174,22 +183,6 @@ StatusFilter = Annotated[
 ]
 RuleFilter = Annotated[uuid.UUID | None, Parameter(description="only this rule's alerts")]
 Limit = Annotated[int, Parameter(ge=1, le=MAX_LIMIT)]
-
-
-def _acknowledged(row: dict[str, Any], by: str, at: datetime) -> bytes:
-    """The event `_acknowledge` queues for an alert: its acknowledgement by `by`."""
-    event = AlertEvent(
-        alert_id=row["id"],
-        kind="acknowledged",
-        rule_id=row["rule_id"],
-        rule_name="",
-        device_id=row["device_id"],
-        site_id=row["site_id"],
-        severity=row["severity"],
-        at=at,
-        by=by,
-    )
-    return msgspec.json.encode(event)
 
 
 async def _rows(services: Services, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:

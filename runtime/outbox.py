@@ -46,14 +46,8 @@ FAILURES = Counter(
 async def add(conn: psycopg.AsyncConnection, topic: str, key: str, value: bytes | None) -> int:
     """Queue a record inside the caller's transaction; it is published once that commits.
     Returns its outbox id."""
-    cur = await conn.execute(
-        "INSERT INTO outbox (topic, key, value) VALUES (%s, %s, %s) RETURNING id",
-        (topic, key.encode(), value),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
-    return int(row[0])
+    [outbox_id] = await add_many(conn, topic, [(key, value)])
+    return outbox_id
 
 
 async def add_many(
