@@ -38,7 +38,7 @@ StateOfCharge = Annotated[float, Meta(ge=0, le=100)]
 Temperature = Annotated[float, Meta(ge=-60, le=200)]
 
 
-class Reading(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+class Reading(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     device_id: Identifier
     site_id: Identifier
     device_type: DeviceType

@@ -48,6 +48,12 @@ class Headers:
     DLQ_SOURCE_TOPIC: Final = "x-dlq-source-topic"
     DLQ_SOURCE_PARTITION: Final = "x-dlq-source-partition"
     DLQ_SOURCE_OFFSET: Final = "x-dlq-source-offset"
+    # On a record `microgrid dlq redrive` sent back to its source topic: how often it has been
+    # redriven, and the dead letter it was sent from (TOPIC:PARTITION:OFFSET). Stages copy the
+    # count onto the dead letter of a redriven record (and the validator onto telemetry.valid),
+    # so a record still refused is not redriven again and again.
+    REDRIVE_COUNT: Final = "x-redrive-count"
+    REDRIVEN_FROM: Final = "x-redriven-from"
     # On telemetry.valid: the telemetry.raw record it was derived from (projection de-duplication).
     SOURCE_TOPIC: Final = "x-source-topic"  # only when it is a site's topic, not telemetry.raw
     SOURCE_PARTITION: Final = "x-source-partition"

@@ -267,7 +267,8 @@ def js_client(doc: dict[str, Any]) -> str:
         "  return search ? `${url}?${search}` : url;",
         "}",
         "",
-        "async function call(method, path, where, args = {}) {",
+        "/** `file`: a download, answered as a Blob (errors are still problems). */",
+        "async function call(method, path, where, args = {}, file = false) {",
         "  const headers = {};",
         "  if (settings.token) headers.Authorization = `Bearer ${settings.token}`;",
         "  for (const [name, place] of Object.entries(where)) {",
@@ -279,6 +280,7 @@ def js_client(doc: dict[str, Any]) -> str:
         "    init.body = JSON.stringify(args.body);",
         "  }",
         "  const resp = await fetch(target(path, where, args), init);",
+        "  if (file && resp.ok) return resp.blob();",
         "  const text = await resp.text();",
         '  const json = (resp.headers.get("Content-Type") || "").includes("json");',
         "  const body = text && json ? JSON.parse(text) : text || null;",
@@ -319,14 +321,15 @@ def js_client(doc: dict[str, Any]) -> str:
                 continue
             media = content.get("application/json", {})
             returns = _js_type(media.get("schema")) if media else "null"
+            file = bool(content) and not media  # a download (runtime.openapi.files)
             lines += [
                 "",
                 f"/** {summary}",
                 f" * @param {{{args_doc}{optional}}} args",
-                f" * @returns {{Promise<{returns}>}} */",
+                f" * @returns {{Promise<{'Blob' if file else returns}>}} */",
                 f"export const {op_id} = (args = {{}}) =>",
                 f"  call({json.dumps(method.upper())}, {json.dumps(path)},"
-                f" {json.dumps(where)}, args);",
+                f" {json.dumps(where)}, args{', true' if file else ''});",
             ]
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,9 @@ A reading is stored once per identity `(device_id, ts)`; the first write wins. A
 the same values (a client's retry, a producer's retry, a redrive, a replay) is dropped and
 counted (`microgrid_readings_processed_total{outcome="duplicate"}`); one with other values is
 not stored either, but dead-lettered to `telemetry.dlq` with reason `conflicting duplicate`
-before the poll's transaction commits, so nothing is silently lost or silently changed.
+before the poll's transaction commits, so nothing is silently lost or silently changed. Such a
+dead letter holds the one reading refused (not its record's batch); when the record was
+redriven, the letter keeps its `x-redrive-count`.
 
 Also announces each device's latest reading as a live `device.latest` event (to the lossy
 latest stream, `runtime.events`), at most once per `DEVICE_LATEST_INTERVAL_S` per device. A
@@ -26,7 +28,7 @@ from aiokafka import ConsumerRecord
 from contracts import Events, Groups, Reading, ReadingBatch, Topics
 from projections import telemetry_store as store
 from projections.base import AfterCommit, Projection
-from runtime.dlq import Letter
+from runtime.dlq import Letter, redrive_count
 from runtime.events import EventStream
 from runtime.metrics import READINGS
 from runtime.settings import Settings
@@ -42,6 +44,7 @@ class Source(msgspec.Struct, frozen=True):
     partition: int
     offset: int
     readings: list[Reading]
+    redrive_count: bytes | None = None  # the record's x-redrive-count: its dead letters keep it
 
 
 class TelemetryProjection(Projection[Source]):
@@ -67,7 +70,8 @@ class TelemetryProjection(Projection[Source]):
         }
 
     def decode(self, rec: ConsumerRecord[bytes, bytes]) -> Source:
-        return Source(rec.partition, rec.offset, self.decoder.decode(rec.value or b"").readings)
+        readings = self.decoder.decode(rec.value or b"").readings
+        return Source(rec.partition, rec.offset, readings, redrive_count(rec.headers))
 
     async def apply(self, conn: psycopg.AsyncConnection, items: list[Source]) -> AfterCommit:
         fresh, repeats, conflicts = first_of_each_identity(items)
@@ -134,6 +138,7 @@ class TelemetryProjection(Projection[Source]):
                     self.topic,
                     src.partition,
                     src.offset,
+                    src.redrive_count,
                 )
                 for src, r in conflicts
             ]

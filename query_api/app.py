@@ -15,6 +15,7 @@ from query_api.alerts import AlertController, NotificationController
 from query_api.auth import LoginThrottle, TokenIssuer, ensure_demo_users, jwt_auth, login
 from query_api.control import ControlCommandController, get_catalogue
 from query_api.devices import DeviceController
+from query_api.export import export_readings
 from query_api.ops import readyz
 from query_api.overview import get_overview
 from query_api.registry import RegistryController
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             login,
             DeviceController,
+            export_readings,
             AlertController,
             NotificationController,
             ControlCommandController,
@@ -106,8 +108,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         cors_config=cors_config(s.public_origin),
         openapi_config=openapi_config(
             "Microgrid query API",
-            "Devices, readings, alerts, notifications, control commands, alert rules and the"
-            " device registry. "
+            "Devices, readings (and their export as files), alerts, notifications, control"
+            " commands, alert rules and the device registry. "
             "Log in with POST /api/v1/auth/login and send `Authorization: Bearer <token>`.",
         ),
     )

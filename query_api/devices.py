@@ -98,6 +98,14 @@ METRICS_PATTERN = f"^({'|'.join(METRICS)})(,({'|'.join(METRICS)}))*$"
 _NUMBER = re.compile(r"^\s*[-+]?[0-9.eE+-]+\s*$")
 
 
+def refuse_numeric_times(request: Request[Any, Any, Any], *names: str) -> None:
+    """400 for a time parameter given as a number: the type decoder would take it as Unix
+    seconds, where the document asks for an RFC 3339 date-time."""
+    for name in names:
+        if _NUMBER.match(request.query_params.get(name, "")):
+            raise problem(400, "Invalid time range", f"{name}: an RFC 3339 date-time")
+
+
 class DeviceController(Controller):
     path = "/api/v1/devices"
     tags = ["devices"]
@@ -174,9 +182,7 @@ class DeviceController(Controller):
     ) -> ReadingSeries:
         """Readings in [from, to) as time buckets with min/avg/max per metric (default: 1 h).
         404 for a device of a site outside the user's sites."""
-        for name in ("from", "to"):  # the type decoder would take a number as Unix seconds
-            if _NUMBER.match(request.query_params.get(name, "")):
-                raise problem(400, "Invalid time range", f"{name}: an RFC 3339 date-time")
+        refuse_numeric_times(request, "from", "to")
         end = end or datetime.now(UTC)
         start = start or end - timedelta(hours=1)
         if start.tzinfo is None or end.tzinfo is None:

@@ -2,7 +2,8 @@
 injection: the database pool, Redis, the Kafka probe, the live event stream, the outbox relay
 with its producer (started on first need: the API takes requests while the broker is away, and
 the relay publishes them when it returns), the users' roles and sites (`query_api.users`) and
-the owner site of each device (`runtime.devices.DeviceOwners`, for the live stream's filter)."""
+the owner site of each device (`runtime.devices.DeviceOwners`, for the live stream's filter)
+and the slots of readings exports (`query_api.export`)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class Services:
         self.relay = Relay(s, self.producer)
         self.relay_task: asyncio.Task[None] | None = None
         self.users = UserDirectory(self.pool)
+        # Readings exports streaming now: each holds a pooled connection until it ends.
+        self.exports = asyncio.Semaphore(s.export_max_concurrent)
         # Only asked, never given a site: the API looks owners up and registers nothing by it.
         # Its entries are dropped when the registry changes (LISTEN on its own connection).
         self.owners = DeviceOwners(self.pool, s.database_url, "admin")

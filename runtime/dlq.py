@@ -1,12 +1,17 @@
 """Dead letters: a record a stage cannot use goes, unchanged, to that stage's dead-letter topic
 with why (`x-dlq-reason`), who refused it (`x-dlq-stage`, the consumer group) and where it came
 from (`x-dlq-source-topic`, `-partition`, `-offset`), and the stage moves on.
+
+A record sent back by `microgrid dlq redrive` carries `x-redrive-count`; when a stage refuses it
+again, its dead letter carries the same count (as found by `redrive_count`), so the next redrive
+knows it failed before and does not send it round in a loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
@@ -21,16 +26,34 @@ log = logging.getLogger("microgrid.dlq")
 MAX_REASON = 1000  # characters of a reason kept in the header
 
 
+def redrive_count(headers: Sequence[tuple[str, bytes]]) -> bytes | None:
+    """The record's `x-redrive-count` as it was sent (not decoded), None when it has none or
+    it is not a number: a device with a Kafka client writes its own headers, and passing them
+    on unchecked would let it put anything on the platform's topics."""
+    for name, value in headers:
+        if name == Headers.REDRIVE_COUNT:
+            return value if len(value) <= 6 and value.isdigit() else None
+    return None
+
+
 def dlq_headers(
-    reason: str, stage: str, topic: str, partition: int, offset: int
+    reason: str,
+    stage: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    redrive_count: bytes | None = None,
 ) -> list[tuple[str, bytes]]:
-    return [
+    headers = [
         (Headers.DLQ_REASON, reason[:MAX_REASON].encode(errors="replace")),
         (Headers.DLQ_STAGE, stage.encode()),
         (Headers.DLQ_SOURCE_TOPIC, topic.encode()),
         (Headers.DLQ_SOURCE_PARTITION, str(partition).encode()),
         (Headers.DLQ_SOURCE_OFFSET, str(offset).encode()),
     ]
+    if redrive_count is not None:
+        headers.append((Headers.REDRIVE_COUNT, redrive_count))
+    return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +66,7 @@ class Letter:
     topic: str
     partition: int
     offset: int
+    redrive_count: bytes | None = None  # the source record's x-redrive-count, if redriven
 
 
 class DeadLetters:
@@ -59,7 +83,15 @@ class DeadLetters:
         position and retries."""
         await self.send_letters(
             [
-                Letter(r.value, r.key, reason, r.topic, r.partition, r.offset)
+                Letter(
+                    r.value,
+                    r.key,
+                    reason,
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    redrive_count(r.headers) if r.headers else None,
+                )
                 for r, reason in records
             ]
         )
@@ -84,7 +116,12 @@ class DeadLetters:
                 letter.reason,
             )
             headers = dlq_headers(
-                letter.reason, self.stage, letter.topic, letter.partition, letter.offset
+                letter.reason,
+                self.stage,
+                letter.topic,
+                letter.partition,
+                letter.offset,
+                letter.redrive_count,
             )
             pending.append(
                 await producer.send(self.topic, letter.value, key=letter.key, headers=headers)

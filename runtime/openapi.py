@@ -8,7 +8,9 @@ the app's authentication. Each route says so in its `opt`:
 - `problems`: the statuses the route itself answers with a problem (404, 409, 422...);
 - `body`: a msgspec type, for a route that reads its body as bytes and decodes it as that type;
 - `public`: the route needs no credentials (`security: []`); with `own_auth` it is only exempt
-  from the app's authentication because it checks the credentials itself (the SSE stream).
+  from the app's authentication because it checks the credentials itself (the SSE stream);
+- `files`: a route whose success answer is a file download (`files(...)`): its media types,
+  each a string body, and the `Content-Disposition` header that names the file.
 
 `document_routes` adds what every route shares: 401 and 403 unless it is public, 400 where
 Litestar validates a parameter or a body (and 422 where it decodes a body), 503 everywhere
@@ -30,8 +32,10 @@ from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugi
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import (
+    OpenAPIHeader,
     OpenAPIMediaType,
     OpenAPIResponse,
+    OpenAPIType,
     Operation,
     Reference,
     RequestBody,
@@ -140,6 +144,28 @@ def problems(*codes: int) -> dict[str, Any]:
     return {"problems": tuple(codes)}
 
 
+def files(*media_types: str) -> dict[str, Any]:
+    """A route's success answer as a file in one of these media types, for its `opt` (Litestar
+    documents a streamed answer as JSON)."""
+    return {"files": tuple(media_types)}
+
+
+def _file_response(response: Any, media_types: Iterable[str]) -> OpenAPIResponse:
+    bare = [media_type.split(";")[0] for media_type in media_types]  # without charset
+    content = {
+        m: OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, content_media_type=m))
+        for m in bare
+    }
+    disposition = OpenAPIHeader(
+        schema=Schema(type=OpenAPIType.STRING),
+        description="`attachment` with the file's suggested name",
+    )
+    description = getattr(response, "description", "") or "The file"
+    return OpenAPIResponse(
+        description=description, content=content, headers={"Content-Disposition": disposition}
+    )
+
+
 def _responses(codes: Iterable[int]) -> dict[int, ResponseSpec]:
     return {
         code: ResponseSpec(
@@ -173,7 +199,10 @@ def inline_schema(kind: type) -> dict[str, Any]:
 
 
 def _operation_class(
-    public: bool, body: dict[str, Any] | None, zero_bounds: dict[str, dict[str, int]]
+    public: bool,
+    body: dict[str, Any] | None,
+    zero_bounds: dict[str, dict[str, int]],
+    file_types: tuple[str, ...] = (),
 ) -> type[Operation]:
     @dataclasses.dataclass
     class DocumentedOperation(Operation):
@@ -190,6 +219,9 @@ def _operation_class(
                 media = OpenAPIMediaType(schema=body)  # type: ignore[arg-type]
                 self.request_body = RequestBody(content={"application/json": media}, required=True)
             responses = self.responses or {}
+            if file_types:
+                success = min(code for code in responses if code.startswith("2"))
+                responses[success] = _file_response(responses[success], file_types)
             if body is not None or "400" in responses:
                 # Litestar's own 400 (parameter or body validation) describes its exception's
                 # shape; the apps answer it as a problem, like the 503 every route has
@@ -236,7 +268,7 @@ def document_routes(app: Litestar, body_schemas: dict[type, dict[str, Any]] | No
                 codes |= {401, 403}
             handler.responses = {**(handler.responses or {}), **_responses(sorted(codes))}
             handler.operation_class = _operation_class(
-                public, body, _parameter_zero_bounds(handler)
+                public, body, _parameter_zero_bounds(handler), tuple(opt.get("files", ()))
             )
 
 

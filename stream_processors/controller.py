@@ -218,7 +218,8 @@ def create_app(s: Settings) -> FastStream:
         "command, wrong device), unchanged; headers give the reason "
         f"({Headers.DLQ_REASON}), the stage ({Headers.DLQ_STAGE}) and origin "
         f"({Headers.DLQ_SOURCE_TOPIC}, {Headers.DLQ_SOURCE_PARTITION}, "
-        f"{Headers.DLQ_SOURCE_OFFSET}).",
+        f"{Headers.DLQ_SOURCE_OFFSET}); {Headers.REDRIVE_COUNT} when the refused record was "
+        "redriven.",
     )
     app = FastStream(broker)
     app.on_startup(controller.start)

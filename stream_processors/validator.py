@@ -10,6 +10,10 @@ that site's principals may write (the broker's ACLs): a reading naming another s
 reply from another site's device, is dead-lettered. The site topics are followed by pattern,
 so a site given topics later is picked up within VALIDATOR_TOPIC_REFRESH_S.
 
+A record `microgrid dlq redrive` sent back keeps its `x-redrive-count` on what is derived from
+it (its telemetry.valid or control.results record, or its dead letter), so a stage further on
+that refuses it again dead-letters it with that count.
+
 Offsets are committed only after every output record of a poll is acknowledged; a crash or a
 failed publish re-validates from the last commit, and the projection drops the repeats by the
 readings' identity (the source offset headers are provenance only).
@@ -36,7 +40,7 @@ from contracts import Groups, Headers, TimeWindow, Topics
 from contracts.control import CommandResult
 from contracts.topics import SITE_ID_PATTERN
 from runtime.devices import DeviceOwners, RegistryUnavailable
-from runtime.dlq import dlq_headers
+from runtime.dlq import dlq_headers, redrive_count
 from runtime.kafka import RenewableProducer, broker_security
 from runtime.metrics import RECORDS, report_lag, serve_metrics
 from runtime.settings import Settings
@@ -135,13 +139,21 @@ class RecordRouter:
                     ]
                     if rec.topic != self.sources.raw:  # offsets of telemetry.raw need no topic
                         headers.append((Headers.SOURCE_TOPIC, rec.topic.encode()))
+                    if rec.headers and (count := redrive_count(rec.headers)) is not None:
+                        headers.append((Headers.REDRIVE_COUNT, count))
                     fut = await producer.send(
                         self.valid, verdict.value, key=verdict.device_id.encode(), headers=headers
                     )
                     outcome = "valid"
                 elif isinstance(verdict, Reply):
                     key = verdict.device_id.encode()
-                    fut = await producer.send(self.results, rec.value, key=key)
+                    count = redrive_count(rec.headers) if rec.headers else None
+                    fut = await producer.send(
+                        self.results,
+                        rec.value,
+                        key=key,
+                        headers=None if count is None else [(Headers.REDRIVE_COUNT, count)],
+                    )
                     outcome = "reply"
                 else:
                     log.warning(
@@ -152,7 +164,12 @@ class RecordRouter:
                         verdict.reason,
                     )
                     headers = dlq_headers(
-                        verdict.reason, self.group, rec.topic, rec.partition, rec.offset
+                        verdict.reason,
+                        self.group,
+                        rec.topic,
+                        rec.partition,
+                        rec.offset,
+                        redrive_count(rec.headers) if rec.headers else None,
                     )
                     dlq = self.control_dlq if isinstance(verdict, BadReply) else self.dlq
                     fut = await producer.send(dlq, rec.value, key=rec.key, headers=headers)
@@ -286,25 +303,29 @@ def create_app(s: Settings) -> FastStream:
     broker.publisher(
         s.topic(Topics.TELEMETRY_VALID),
         description="Validated readings, one batch per record, keyed by device id; headers "
-        f"{Headers.SOURCE_PARTITION} and {Headers.SOURCE_OFFSET} name the raw record.",
+        f"{Headers.SOURCE_PARTITION} and {Headers.SOURCE_OFFSET} name the raw record, and "
+        f"{Headers.REDRIVE_COUNT} is the raw record's when it was redriven.",
     )
     broker.publisher(
         s.topic(Topics.CONTROL_RESULTS),
         description="Devices' replies from sites' results topics, unchanged, keyed by device "
-        "id, once the device is known to belong to the topic's site.",
+        "id, once the device is known to belong to the topic's site; a redriven reply keeps "
+        f"its {Headers.REDRIVE_COUNT}.",
     )
     broker.publisher(
         s.topic(Topics.CONTROL_DLQ),
         description="Replies from sites' results topics that were refused (undecodable, no "
         "command id or device id, a key other than the device id, a device not registered or "
-        "of another site), unchanged, with the dead-letter headers.",
+        f"of another site), unchanged, with the dead-letter headers (and {Headers.REDRIVE_COUNT}"
+        " when the reply was redriven).",
     )
     broker.publisher(
         s.topic(Topics.TELEMETRY_DLQ),
         description="Refused raw records, unchanged (and readings the telemetry projection "
         f"refused); headers give the reason ({Headers.DLQ_REASON}), the stage that refused "
         f"it ({Headers.DLQ_STAGE}) and origin ({Headers.DLQ_SOURCE_TOPIC}, "
-        f"{Headers.DLQ_SOURCE_PARTITION}, {Headers.DLQ_SOURCE_OFFSET}).",
+        f"{Headers.DLQ_SOURCE_PARTITION}, {Headers.DLQ_SOURCE_OFFSET}); "
+        f"{Headers.REDRIVE_COUNT} when the refused record was redriven.",
     )
     app = FastStream(broker)
     app.on_startup(router.start)

@@ -72,7 +72,8 @@ function target(path, where, args) {
   return search ? `${url}?${search}` : url;
 }
 
-async function call(method, path, where, args = {}) {
+/** `file`: a download, answered as a Blob (errors are still problems). */
+async function call(method, path, where, args = {}, file = false) {
   const headers = {};
   if (settings.token) headers.Authorization = `Bearer ${settings.token}`;
   for (const [name, place] of Object.entries(where)) {
@@ -84,6 +85,7 @@ async function call(method, path, where, args = {}) {
     init.body = JSON.stringify(args.body);
   }
   const resp = await fetch(target(path, where, args), init);
+  if (file && resp.ok) return resp.blob();
   const text = await resp.text();
   const json = (resp.headers.get("Content-Type") || "").includes("json");
   const body = text && json ? JSON.parse(text) : text || null;
@@ -115,6 +117,12 @@ export const getReadings = (args = {}) =>
  * @returns {Promise<DevicePage>} */
 export const listDevices = (args = {}) =>
   call("GET", "/api/v1/devices", {"site_id": "query", "device_type": "query", "status": "query", "cursor": "query", "limit": "query"}, args);
+
+/** ExportReadings (GET /api/v1/readings/export)
+ * @param {{from: string, to: string, site_id?: string | null, device_id?: string | null, format?: "jsonl" | "csv" | "parquet"}} args
+ * @returns {Promise<Blob>} */
+export const exportReadings = (args = {}) =>
+  call("GET", "/api/v1/readings/export", {"from": "query", "to": "query", "site_id": "query", "device_id": "query", "format": "query"}, args, true);
 
 /** AckAlert (POST /api/v1/alerts/{alert_id}/ack)
  * @param {{alert_id: string}} args
