@@ -265,7 +265,7 @@ class RateColumn(ProgressColumn):
 def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
         TextColumn("records"),
         RateColumn(),

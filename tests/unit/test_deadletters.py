@@ -134,6 +134,9 @@ def test_a_single_reading_from_telemetry_valid_goes_back_as_a_batch_of_one() -> 
 def test_dead_letter_headers_carry_the_source_records_redrive_count() -> None:
     assert redrive_count([]) is None
     assert redrive_count([("x-source-offset", b"4"), (Headers.REDRIVE_COUNT, b"2")]) == b"2"
+    # a device with a Kafka client writes its own headers: only a count is passed on
+    for forged in (b"\x00\xff", b"-1", b"2 ", b"1234567", b""):
+        assert redrive_count([(Headers.REDRIVE_COUNT, forged)]) is None
     plain = dict(dlq_headers("why", "stage", "topic", 1, 2))
     assert Headers.REDRIVE_COUNT not in plain
     counted = dict(dlq_headers("why", "stage", "topic", 1, 2, b"2"))
