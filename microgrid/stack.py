@@ -24,6 +24,16 @@ from urllib.parse import urlsplit
 from runtime.settings import Settings
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, as Kafka's own `Uuid.randomUuid`
+    makes it, and like it never starting with '-': `StorageTool format -t -...` takes such an
+    id for an option and fails (one fresh stack in 64 failed so)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class StackError(RuntimeError):
     """A prerequisite is missing or a service would not start; the message says what to do."""
 
@@ -293,7 +303,7 @@ class Kafka:
         self.data.mkdir(parents=True, exist_ok=True)
         cfg = self._write_config()
         if not (self.data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             admin = f"SCRAM-SHA-512=[name={self.s.kafka_username},password={self.s.kafka_password}]"
             subprocess.run(
                 self._java(
