@@ -262,6 +262,13 @@ def test_devices_see_and_answer_only_their_own_commands(
 ) -> None:
     device = register(platform, db, device_key, site)
     cid = command(platform, tokens["operator"], device)
+    # the gateway knows a command once the control projection has it (before, any key gets
+    # 404 for it): wait for that, so the refusals below are the ones for a known command
+    wait_for(
+        lambda: db.execute("SELECT 1 FROM control_commands WHERE id = %s", (cid,)).fetchone(),
+        30,
+        "the command in the control read model",
+    )
     other_key = create_key(db, f"other-{uuid.uuid4().hex[:6]}")
     assert fetch_next(platform, other_key, device, wait=0).status_code == 403
     assert answer(platform, other_key, cid, "succeeded").status_code == 403
