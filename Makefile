@@ -16,7 +16,7 @@ MVN := mvn -q -B -Dstyle.color=never -f deploy/kafka/pom.xml
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: setup dev test test-contracts test-lowest check lock system-packages stack-up stack-down clean
+.PHONY: setup dev test test-contracts test-lowest check lock system-packages stack-up stack-down clean bench-history
 
 setup: system-packages $(VENV)/.installed $(KAFKA_LIBS)/.resolved $(UI_VENDOR)/.installed
 
@@ -113,6 +113,13 @@ test-lowest: setup
 	$(UV) pip install -q --python $(LOWEST)/bin/python --no-deps -e .
 	$(BIN)/microgrid stack up
 	ENVIRONMENT=test $(LOWEST)/bin/pytest -q -p no:cacheprovider --deselect tests/integration/test_contracts.py
+
+# The readings route over a month of one device's 1-minute readings, served from the rollups,
+# with the projector's cost of keeping them (benchmarks/history.py; a scratch database of its
+# own, dropped at the end).
+bench-history: setup
+	$(BIN)/microgrid stack up
+	$(BIN)/python -m benchmarks.history --days 30
 
 check: setup
 	$(BIN)/ruff check .

@@ -87,11 +87,16 @@ class Bucket(msgspec.Struct):
     metrics: dict[str, Stat]
 
 
+# Where a series' points came from: raw readings, or their 1-minute or 1-hour rollups.
+ReadingSource = Literal["raw", "1m", "1h"]
+
+
 class ReadingSeries(msgspec.Struct):
     device_id: str
     start: datetime
     end: datetime
     bucket_s: int
+    source: ReadingSource
     points: list[Bucket]
 
 

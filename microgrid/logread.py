@@ -94,6 +94,27 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
 Bounds = dict[TopicPartition, tuple[int, int]]
 
 
+def _ms(when: datetime) -> int:
+    return max(0, int(when.timestamp() * 1000))
+
+
+async def time_bounds(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], first: datetime, last: datetime
+) -> Bounds:
+    """Each partition's offsets of the records written from `first` up to `last`, or up to its
+    end as it is now (`offsets_for_times`: a record's timestamp is when it was written)."""
+    ends = await consumer.end_offsets(tps)
+    starts = await consumer.offsets_for_times({tp: _ms(first) for tp in tps})
+    stops = await consumer.offsets_for_times({tp: _ms(last) for tp in tps})
+    bounds: Bounds = {}
+    for tp in tps:
+        a = starts[tp].offset if starts[tp] is not None else ends[tp]
+        found = stops[tp]
+        b = min(found.offset, ends[tp]) if found is not None else ends[tp]
+        bounds[tp] = (a, max(a, b))
+    return bounds
+
+
 async def read_ranges(
     consumer: AIOKafkaConsumer, bounds: Bounds, max_records: int = 5_000
 ) -> AsyncIterator[tuple[list[ConsumerRecord[bytes, bytes]], int]]:
@@ -119,3 +140,16 @@ async def read_ranges(
                 pending.discard(tp)
                 consumer.pause(tp)
         yield records, advanced
+
+
+async def lost_before(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition], retention_h: int, first: datetime
+) -> datetime | None:
+    """When records from `first` on may be gone from the log: the time from which it holds
+    everything (records younger than the retention are never deleted), if `first` is older
+    and the log has lost records; None when it holds all the range's."""
+    kept_from = datetime.now(UTC) - timedelta(hours=retention_h)
+    if first >= kept_from:
+        return None
+    begins = await consumer.beginning_offsets(tps)
+    return kept_from if any(offset > 0 for offset in begins.values()) else None

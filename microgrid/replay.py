@@ -59,10 +59,10 @@ from contracts import METRICS, Reading, ReadingBatch, TimeWindow, Topics
 from contracts.alerting import AlertEvent
 from contracts.control import ControlEvent
 from microgrid.logread import (
-    Bounds,
     KafkaUnreachable,
     log_consumer,
     read_ranges,
+    time_bounds,
     topic_partitions,
 )
 from microgrid.logread import start as start_consumer
@@ -277,10 +277,6 @@ def progress_bar(console: Console) -> Progress:
     )
 
 
-def _ms(when: datetime) -> int:
-    return max(0, int(when.timestamp() * 1000))
-
-
 def site_devices(s: Settings, site: str) -> set[str]:
     import psycopg
 
@@ -350,16 +346,8 @@ async def replay(
                 f"topic {s.topic(sel.topic)!r} does not exist on {s.kafka_bootstrap_servers}"
                 " (is KAFKA_NAMESPACE right?)"
             ) from None
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.offsets_for_times({tp: _ms(first) for tp in tps})
-        stops = await consumer.offsets_for_times({tp: _ms(last) for tp in tps})
-        bounds: Bounds = {}
-        for tp in tps:
-            a = starts[tp].offset if starts[tp] is not None else ends[tp]
-            found = stops[tp]
-            b = min(found.offset, ends[tp]) if found is not None else ends[tp]
-            bounds[tp] = (a, max(a, b))
-            summary.partitions[tp.partition] = bounds[tp]
+        bounds = await time_bounds(consumer, tps, first, last)
+        summary.partitions = {tp.partition: ab for tp, ab in bounds.items()}
         total = sum(b - a for a, b in bounds.values())
         rows: list[tuple[Any, ...]] = []
         with partial.open("wb") as sink, progress_bar(console) as bar:

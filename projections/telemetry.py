@@ -8,6 +8,12 @@ before the poll's transaction commits, so nothing is silently lost or silently c
 dead letter holds the one reading refused (not its record's batch); when the record was
 redriven, the letter keeps its `x-redrive-count`.
 
+The readings inserted are added to their 1-minute and 1-hour rollups in the same transaction
+(`telemetry_store.upsert_rollups`). On start and then every `TELEMETRY_EXPIRY_INTERVAL_S` the
+projection drops the day partitions older than their retention (`TELEMETRY_RAW_RETENTION_DAYS`,
+`ROLLUP_1M_RETENTION_DAYS`) and the hourly rollups older than `ROLLUP_1H_RETENTION_DAYS`, in a
+short transaction of its own; a failure is logged and tried again at the next interval.
+
 Also announces each device's latest reading as a live `device.latest` event (to the lossy
 latest stream, `runtime.events`), at most once per `DEVICE_LATEST_INTERVAL_S` per device. A
 reading that comes sooner is held (the newest per device) and announced when the interval has
@@ -17,6 +23,7 @@ passed, so the last value a device sent always reaches live clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, date, datetime
@@ -79,6 +86,7 @@ class TelemetryProjection(Projection[Source]):
         if new_days:
             await store.ensure_partitions(conn, new_days)
         written = await store.write_readings(conn, fresh)
+        await store.upsert_rollups(conn, written.readings)
         if written.conflicts:  # rare: look up the records of the readings refused
             refused = {id(r) for r in fresh if (r.device_id, r.ts) in written.conflicts}
             conflicts += [(src, r) for src in items for r in src.readings if id(r) in refused]
@@ -95,6 +103,51 @@ class TelemetryProjection(Projection[Source]):
             await self._announce(latest)
 
         return announce
+
+    async def run(self) -> None:
+        expiry = asyncio.create_task(self._expire_periodically(), name="telemetry-expiry")
+        try:
+            await super().run()
+        finally:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            try:
+                await self.expire()
+            except Exception:  # a bug here must not end the checks, nor the projection
+                log.exception("telemetry retention failed (tried again at the next interval)")
+            await asyncio.sleep(self.s.telemetry_expiry_interval_s)
+
+    async def expire(self) -> list[tuple[str, int | None]]:
+        """Drop what is past its retention (`store.drop_expired`) and log it. A failure (a
+        lock not granted in time, PostgreSQL away) is logged, and the next interval tries
+        again."""
+        s = self.s
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                s.database_url, autocommit=True, connect_timeout=10
+            ) as conn:
+                dropped = await store.drop_expired(
+                    conn,
+                    s.telemetry_raw_retention_days,
+                    s.rollup_1m_retention_days,
+                    s.rollup_1h_retention_days,
+                )
+        except (psycopg.Error, OSError) as exc:
+            log.warning("telemetry retention failed (tried again at the next interval): %s", exc)
+            return []
+        # a reading of such a day (a replay) would make its partitions again
+        self.days -= store.days_of(relation for relation, _ in dropped)
+        for relation, rows in dropped:
+            log.info(
+                "telemetry retention: dropped %s%s",
+                relation,
+                "" if rows is None else f" ({rows} rows)",
+            )
+        return dropped
 
     def _due(self, readings: list[Reading], now: float) -> list[Reading]:
         """Of these readings, the ones whose device may be announced now (marked announced);

@@ -6,14 +6,17 @@ alerting when one of its alerts is active (`ALERTING`: active_unacknowledged or
 active_acknowledged; a partial index of migration 011 holds just those alerts).
 
 A user scoped to sites sees the devices the registry gives to those sites; another site's
-device answers 404 as an unknown one does (`query_api.scope`)."""
+device answers 404 as an unknown one does (`query_api.scope`).
+
+Readings are served from the raw rows or from their rollups (migration 013), chosen by
+`series_query`: long ranges read about as many rows as short ones."""
 
 from __future__ import annotations
 
 import math
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, NamedTuple
 
 from litestar import Controller, Request, get
 from litestar.params import Parameter
@@ -27,6 +30,7 @@ from contracts.api import (
     DeviceStatusFilter,
     Metrics,
     ReadingSeries,
+    ReadingSource,
     Stat,
 )
 from contracts.readings import DeviceType
@@ -66,7 +70,11 @@ DEVICE_SQL: Final = {
 }
 
 MAX_POINTS = 2000
-MAX_SPAN = timedelta(days=31)
+MAX_SPAN = timedelta(days=366)
+# Up to this range a series reads raw readings, whose buckets start at `from` exactly.
+RAW_MAX_SPAN = timedelta(hours=1)
+ROLLUPS: Final = {"1m": ("telemetry_rollup_1m", 60), "1h": ("telemetry_rollup_1h", 3600)}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _device(row: dict[str, Any]) -> Device:
@@ -92,6 +100,92 @@ def _series_sql(metrics: list[str]) -> str:
         " FROM telemetry_readings WHERE device_id = %s AND ts >= %s AND ts < %s"
         " GROUP BY 1 ORDER BY 1"
     )
+
+
+def _rollup_sql(table: str, metrics: list[str]) -> str:
+    stats = ", ".join(
+        f"min({m}_min), sum({m}_sum) / nullif(sum({m}_count), 0)::float8, max({m}_max)"
+        for m in metrics
+    )
+    return (
+        f"SELECT date_bin(make_interval(secs => %s), bucket, %s) AS b, sum(count)::bigint,"
+        f" {stats} FROM {table} WHERE device_id = %s AND bucket >= %s AND bucket < %s"
+        " GROUP BY 1 ORDER BY 1"
+    )
+
+
+READINGS_DESCRIPTION: Final = """\
+Readings in [from, to) (default: the last hour; at most 366 days) as at most `points` time
+buckets of `bucket_s` seconds, with the count of readings and min/avg/max per metric.
+`source` says where they came from: the raw readings (`raw`) for a range of up to an hour or
+buckets under a minute, buckets starting at `from`; else the 1-minute rollups (`1m`), or the
+1-hour rollups (`1h`) for buckets of an hour or more. A range starting before the raw
+readings' retention (TELEMETRY_RAW_RETENTION_DAYS) reads rollups, one before the 1-minute
+rollups' retention the 1-hour ones. From rollups, `start` and `end` widen to whole minutes or
+hours (UTC), `bucket_s` is a multiple of 60 or 3600, and buckets start at `start`.
+404 for a device of a site outside the user's sites."""
+
+
+class SeriesQuery(NamedTuple):
+    """What a readings request runs: its source, range, bucket size, SQL and parameters."""
+
+    source: ReadingSource
+    start: datetime
+    end: datetime
+    bucket_s: int
+    sql: str
+    params: tuple[Any, ...]
+
+
+def choose_source(
+    start: datetime,
+    end: datetime,
+    bucket_s: int,
+    now: datetime,
+    raw_retention: timedelta,
+    m1_retention: timedelta,
+) -> ReadingSource:
+    """Raw readings for a range of up to an hour or buckets under a minute (within the raw
+    readings' retention); else 1-hour rollups for buckets of an hour or more (or from before
+    the minute rollups' retention), and 1-minute rollups for the rest."""
+    if start >= now - raw_retention and (end - start <= RAW_MAX_SPAN or bucket_s < 60):
+        return "raw"
+    if bucket_s >= 3600 or start < now - m1_retention:
+        return "1h"
+    return "1m"
+
+
+def _aligned(t: datetime, step_s: int, up: bool = False) -> datetime:
+    steps, rest = divmod(t - _EPOCH, timedelta(seconds=step_s))
+    return _EPOCH + timedelta(seconds=step_s * (steps + (1 if up and rest else 0)))
+
+
+def series_query(
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    points: int,
+    metrics: list[str],
+    *,
+    now: datetime,
+    raw_retention: timedelta,
+    m1_retention: timedelta,
+    source: ReadingSource | None = None,
+) -> SeriesQuery:
+    """The query of at most `points` buckets over [start, end), from `source` (default: the
+    one `choose_source` picks). From rollups, the range widens to whole rollup buckets, and the
+    bucket size is a multiple of theirs, aligned to the widened start."""
+    bucket_s = max(1, math.ceil((end - start).total_seconds() / points))
+    source = source or choose_source(start, end, bucket_s, now, raw_retention, m1_retention)
+    if source == "raw":
+        params = (bucket_s, start, device_id, start, end)
+        return SeriesQuery(source, start, end, bucket_s, _series_sql(metrics), params)
+    table, step = ROLLUPS[source]
+    lo, hi = _aligned(start, step), _aligned(end, step, up=True)
+    per_point = math.ceil((hi - lo).total_seconds() / points)
+    bucket_s = step * math.ceil(per_point / step)
+    params = (bucket_s, lo, device_id, lo, hi)
+    return SeriesQuery(source, lo, hi, bucket_s, _rollup_sql(table, metrics), params)
 
 
 METRICS_PATTERN = f"^({'|'.join(METRICS)})(,({'|'.join(METRICS)}))*$"
@@ -167,7 +261,7 @@ class DeviceController(Controller):
             raise problem(404, "Unknown device", f"no device {device_id!r} has reported")
         return _device(rows[0])
 
-    @get("/{device_id:str}/readings", opt=problems(404))
+    @get("/{device_id:str}/readings", opt=problems(404), description=READINGS_DESCRIPTION)
     async def get_readings(
         self,
         services: Services,
@@ -180,8 +274,7 @@ class DeviceController(Controller):
             str | None, Parameter(pattern=METRICS_PATTERN, description="comma-separated")
         ] = None,
     ) -> ReadingSeries:
-        """Readings in [from, to) as time buckets with min/avg/max per metric (default: 1 h).
-        404 for a device of a site outside the user's sites."""
+        """Readings as buckets with min/avg/max per metric (READINGS_DESCRIPTION)."""
         refuse_numeric_times(request, "from", "to")
         end = end or datetime.now(UTC)
         start = start or end - timedelta(hours=1)
@@ -197,11 +290,21 @@ class DeviceController(Controller):
             raise problem(
                 400, "Unknown metric", f"{', '.join(unknown)}; known: {', '.join(METRICS)}"
             )
-        bucket_s = max(1, math.ceil((end - start).total_seconds() / points))
+        s = services.settings
+        query = series_query(
+            device_id,
+            start,
+            end,
+            points,
+            chosen,
+            now=datetime.now(UTC),
+            raw_retention=timedelta(days=s.telemetry_raw_retention_days),
+            m1_retention=timedelta(days=s.rollup_1m_retention_days),
+        )
         async with services.pool.connection() as conn:
             if not await owns(conn, request.user.scope, device_id):
                 raise problem(404, "Unknown device", f"no device {device_id!r} has reported")
-            cur = await conn.execute(_series_sql(chosen), (bucket_s, start, device_id, start, end))
+            cur = await conn.execute(query.sql, query.params)
             rows = await cur.fetchall()
         buckets = []
         for row in rows:
@@ -212,5 +315,10 @@ class DeviceController(Controller):
                     stats[m] = Stat(min=lo, avg=float(avg), max=hi)
             buckets.append(Bucket(t=row[0], count=row[1], metrics=stats))
         return ReadingSeries(
-            device_id=device_id, start=start, end=end, bucket_s=bucket_s, points=buckets
+            device_id=device_id,
+            start=query.start,
+            end=query.end,
+            bucket_s=query.bucket_s,
+            source=query.source,
+            points=buckets,
         )

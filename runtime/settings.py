@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +162,15 @@ class Settings(BaseSettings):
     # whose deadline is older than this is refused as stale (control.dlq), never run.
     controller_terminal_retention_s: float = Field(3600.0, gt=0)
 
+    # Telemetry in PostgreSQL: raw readings and their 1-minute rollups are dropped by whole day
+    # partitions once past their retention, hourly rollups by the hour. Raw retention must
+    # outlast MAX_READING_AGE_S by a day (a late reading finds its partition), and 1h >= 1m >=
+    # raw. The telemetry projection checks every TELEMETRY_EXPIRY_INTERVAL_S.
+    telemetry_raw_retention_days: int = Field(30, ge=1)
+    rollup_1m_retention_days: int = Field(90, ge=1)
+    rollup_1h_retention_days: int = Field(730, ge=1)
+    telemetry_expiry_interval_s: float = Field(3600.0, ge=1)
+
     # Simulator run by `make dev`
     sim_devices: int = Field(48, ge=1)
     sim_rate: float = Field(1.0, gt=0, description="readings per second per device")
@@ -190,6 +199,25 @@ class Settings(BaseSettings):
     @classmethod
     def _anchor_stack_dir(cls, value: Path) -> Path:
         return value if value.is_absolute() else PROJECT_ROOT / value
+
+    @model_validator(mode="after")
+    def _retentions_nest(self) -> Settings:
+        raw_s = self.telemetry_raw_retention_days * 86_400
+        if raw_s < self.max_reading_age_s + 86_400:
+            raise ValueError(
+                "TELEMETRY_RAW_RETENTION_DAYS must exceed MAX_READING_AGE_S by at least a day"
+                f" ({self.telemetry_raw_retention_days} days against {self.max_reading_age_s} s)"
+            )
+        if not (
+            self.rollup_1h_retention_days
+            >= self.rollup_1m_retention_days
+            >= self.telemetry_raw_retention_days
+        ):
+            raise ValueError(
+                "need ROLLUP_1H_RETENTION_DAYS >= ROLLUP_1M_RETENTION_DAYS >="
+                " TELEMETRY_RAW_RETENTION_DAYS"
+            )
+        return self
 
     def topic(self, name: str) -> str:
         return f"{self.kafka_namespace}{name}"

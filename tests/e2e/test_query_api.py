@@ -530,7 +530,7 @@ def test_readings_are_downsampled_into_buckets(
         {"from": iso, "to": later, "metrics": "power_kw,bogus_metric"},
         {"from": iso, "to": later, "metrics": "password"},
         {"from": "2024-01-01T00:00:00", "to": "2024-01-01T01:00:00"},
-        {"from": "2024-01-01T00:00:00Z", "to": "2024-03-01T00:00:00Z"},
+        {"from": "2024-01-01T00:00:00Z", "to": "2025-01-02T00:00:00Z"},
         {"from": "yesterday", "to": later},
         {"from": iso, "to": later, "points": 0},
     ]

@@ -30,7 +30,7 @@
 /** @typedef {{min: number, max: number}} ParamRange */
 /** @typedef {{status: number, title: string, detail?: string | null}} Problem */
 /** @typedef {{metric: "voltage_v" | "current_a" | "frequency_hz" | "power_kw" | "soc_pct" | "temperature_c", threshold: number, window_s: number, op?: "gt" | "lt" | null, for_s?: number | null, name: string, severity: "critical" | "major" | "minor" | "warning", scope?: RuleScope, enabled?: boolean, id?: string | null, created_at?: string | null, updated_at?: string | null, kind: "rate_of_change"}} RateOfChangeRule */
-/** @typedef {{device_id: string, start: string, end: string, bucket_s: number, points: Array<Bucket>}} ReadingSeries */
+/** @typedef {{device_id: string, start: string, end: string, bucket_s: number, source: "raw" | "1m" | "1h", points: Array<Bucket>}} ReadingSeries */
 /** @typedef {{device_id: string, site_id: string}} RegisterDevice */
 /** @typedef {{device_id: string, site_id: string, registered_at: string, registered_by: string, moves: Array<DeviceMove>}} RegisteredDevice */
 /** @typedef {{device_id: string, site_id: string, registered_at: string, registered_by: string}} Registration */
