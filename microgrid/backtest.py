@@ -157,12 +157,12 @@ class Device:
     state: DeviceState
     open: Episode | None = None
     since: datetime | None = None  # an open offline alert: the reading its silence follows
+    readings: int = 0  # in range
+    ignored: int = 0  # of those, older than or as old as the device's newest
 
 
 @dataclass
 class Counts:
-    readings: int = 0  # readings in range (and site) given to evaluate_reading
-    ignored: int = 0  # of those, older than or as old as their device's newest: ignored
     undecodable: int = 0  # records the alerter refuses (it dead-letters them)
     records: int = 0  # records read from the log
 
@@ -218,10 +218,9 @@ class Evaluation:
                 DeviceState(r.device_id, r.site_id, r.device_type)
             )
         state = dev.state
-        counted = self.site is None or r.site_id == self.site
-        self.counts.readings += counted
+        dev.readings += 1
         if state.last_ts is not None and r.ts <= state.last_ts:
-            self.counts.ignored += counted  # as evaluate_reading does: late, or a repeat
+            dev.ignored += 1  # as evaluate_reading does: late, or a repeat
             return
         self.silence_until(dev, r.ts)
         self.apply(dev, evaluate_reading(self.rules, r, state), r)
@@ -280,13 +279,23 @@ class Evaluation:
         episodes = [e for e in self.episodes if self.site is None or e.site_id == self.site]
         return sorted(episodes, key=lambda e: (e.device_id, e.opened_at, e.alert_id))
 
+    def _concerned(self) -> list[Device]:
+        """The devices the rule concerned (their state has the rule's), of `site` if given."""
+        return [
+            d
+            for d in self.devices.values()
+            if self.rule_id in d.state.rules and (self.site is None or d.state.site_id == self.site)
+        ]
+
     @property
     def applied_to(self) -> int:
-        """Devices the rule concerned (their state has the rule's)."""
-        return sum(
-            self.rule_id in d.state.rules and (self.site is None or d.state.site_id == self.site)
-            for d in self.devices.values()
-        )
+        return len(self._concerned())
+
+    @property
+    def evaluated(self) -> tuple[int, int]:
+        """Readings in range of the devices the rule concerned, and of those the ones ignored."""
+        concerned = self._concerned()
+        return sum(d.readings for d in concerned), sum(d.ignored for d in concerned)
 
 
 class Range(msgspec.Struct):
@@ -295,7 +304,7 @@ class Range(msgspec.Struct):
 
 
 class Summary(msgspec.Struct):
-    readings: int  # evaluated: in range and site, ignored ones included
+    readings: int  # in range, of the devices the rule concerned (of the site), ignored included
     ignored: int  # older than or as old as their device's newest, as live
     devices: int  # the rule concerned
     alerts: int  # opened
@@ -395,8 +404,8 @@ async def backtest(
         site=site,
         alerts=episodes,
         summary=Summary(
-            readings=counts.readings,
-            ignored=counts.ignored,
+            readings=evaluation.evaluated[0],
+            ignored=evaluation.evaluated[1],
             devices=evaluation.applied_to,
             alerts=len(episodes),
             open_at_end=sum(e.cleared_at is None for e in episodes),

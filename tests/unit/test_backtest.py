@@ -190,7 +190,7 @@ def test_readings_are_evaluated_in_log_order_and_a_late_one_is_ignored_as_live()
         ev.record(*record(r))
     [episode] = ev.finish()
     assert (episode.opened_at, episode.cleared_at) == (at(20), None)
-    assert (ev.counts.readings, ev.counts.ignored) == (4, 2)
+    assert ev.evaluated == (4, 2)
 
 
 def test_only_the_range_the_site_and_records_the_alerter_takes_are_evaluated() -> None:
