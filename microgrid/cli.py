@@ -115,6 +115,13 @@ def run(
     only: Annotated[
         str | None, typer.Option(help="comma-separated components (default: all)")
     ] = None,
+    replicas: Annotated[
+        str | None,
+        typer.Option(
+            help="members per consumer group, e.g. validator=2,alerter=2,controller=2,"
+            "projector=2 (default: one each)"
+        ),
+    ] = None,
 ) -> None:
     """Run the components, each in its own supervised process. Ctrl-C stops them."""
     from microgrid.components import COMPONENTS
@@ -123,11 +130,38 @@ def run(
     unknown = [n for n in names if n not in COMPONENTS]
     if unknown:
         _fail(f"unknown component(s): {', '.join(unknown)}; available: {', '.join(COMPONENTS)}")
-    _supervise(names)
+    _supervise(names, _replicas(replicas, names) if replicas else {})
 
 
-def _supervise(names: list[str]) -> None:
-    from microgrid.supervisor import Supervisor
+def _replicas(text: str, names: list[str]) -> dict[str, int]:
+    """`NAME=N,...` for the consumer groups among `names`, N from 1 to the partition count."""
+    from microgrid.supervisor import GROUP_METRICS_PORTS
+
+    s = get_settings()
+    limit = s.device_topic_partitions
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, count = part.partition("=")
+        name = name.strip()
+        if name not in GROUP_METRICS_PORTS:
+            _fail(
+                f"--replicas {part!r}: only consumer groups have members:"
+                f" {', '.join(GROUP_METRICS_PORTS)} (the gateway runs GATEWAY_WORKERS"
+                " processes of its own)"
+            )
+        if name not in names:
+            _fail(f"--replicas {part!r}: {name} is not among the components to run")
+        if not count.strip().isdigit() or not 1 <= int(count) <= limit:
+            _fail(
+                f"--replicas {part!r}: give {name}=N with N from 1 to {limit}"
+                f" (DEVICE_TOPIC_PARTITIONS: more members than partitions would sit idle)"
+            )
+        out[name] = int(count)
+    return out
+
+
+def _supervise(names: list[str], replicas: dict[str, int] | None = None) -> None:
+    from microgrid.supervisor import GROUP_METRICS_PORTS, Supervisor
     from runtime.logs import configure_logging
 
     s = get_settings()
@@ -136,7 +170,8 @@ def _supervise(names: list[str]) -> None:
     configure_logging("supervisor", s.log_level)
     if s.kafka_password:  # the admin's credentials: topics and ACLs are made sure of here
         _ensure_topics(s)
-    raise typer.Exit(Supervisor(names).run())
+    ports = {v: getattr(s, v.lower()) for v in GROUP_METRICS_PORTS.values()}
+    raise typer.Exit(Supervisor(names, replicas=replicas, ports=ports).run())
 
 
 def _ensure_topics(s: Settings, credentials: bool = True) -> list[str]:

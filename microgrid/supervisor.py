@@ -22,9 +22,21 @@ MAX_BACKOFF_S = 30.0
 HEALTHY_AFTER_S = 60.0
 
 
+# The components that are consumer groups, and the setting of each one's metrics port: their
+# members share the group's partitions (`microgrid run --replicas`).
+GROUP_METRICS_PORTS: dict[str, str] = {
+    "validator": "VALIDATOR_METRICS_PORT",
+    "alerter": "ALERTER_METRICS_PORT",
+    "controller": "CONTROLLER_METRICS_PORT",
+    "projector": "PROJECTOR_METRICS_PORT",
+}
+REPLICA_PORT_STEP = 100  # member i serves its metrics on the group's port + 100 * i
+
+
 @dataclass
 class Child:
     name: str
+    label: str = ""  # name-i for a member of several
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -37,12 +49,36 @@ class Child:
             env={**os.environ, **self.env},
         )
         self.started_at = time.monotonic()
-        log.info("started %s (pid %d)", self.name, self.proc.pid)
+        log.info("started %s (pid %d)", self.label or self.name, self.proc.pid)
+
+
+def members(
+    names: list[str], replicas: dict[str, int], ports: dict[str, int], env: dict[str, str]
+) -> list[Child]:
+    """One child per component, or `replicas[name]` of a consumer group's: member i serves its
+    metrics on the group's port (`ports`, by setting) + REPLICA_PORT_STEP * i."""
+    children = []
+    for name in names:
+        n = replicas.get(name, 1)
+        for i in range(n):
+            extra = {}
+            if i:
+                setting = GROUP_METRICS_PORTS[name]
+                extra[setting] = str(ports[setting] + REPLICA_PORT_STEP * i)
+            label = f"{name}-{i + 1}" if n > 1 else name
+            children.append(Child(name, label, env={**env, **extra}))
+    return children
 
 
 class Supervisor:
-    def __init__(self, names: list[str], env: dict[str, str] | None = None) -> None:
-        self.children = [Child(n, env=env or {}) for n in names]
+    def __init__(
+        self,
+        names: list[str],
+        env: dict[str, str] | None = None,
+        replicas: dict[str, int] | None = None,
+        ports: dict[str, int] | None = None,
+    ) -> None:
+        self.children = members(names, replicas or {}, ports or {}, env or {})
         self.stopping = False
 
     def _request_stop(self, signum: int, _frame: object) -> None:
@@ -77,7 +113,7 @@ class Supervisor:
         child.restarts += 1
         log.error(
             "%s exited with code %s; restarting in %.0fs (restart #%d)",
-            child.name,
+            child.label or child.name,
             code,
             backoff,
             child.restarts,

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 from aiokafka import ConsumerRecord
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 
@@ -183,6 +184,10 @@ def create_app(s: Settings) -> FastStream:
         controller.commands_topic,
         controller.results_topic,
         group_id=controller.group,
+        # co-partitioned: a member that owns partition p of the commands owns partition p of
+        # the replies, so a reply meets its command's state (round-robin, the default, splits
+        # them whenever the member count does not divide the partition count)
+        partition_assignment_strategy=(RangePartitionAssignor,),
         **REDELIVERED_BATCHES,
         max_records=500,
         batch_timeout_ms=20,
