@@ -142,9 +142,15 @@ def projector(s: Settings) -> None:
             ControlProjection(s, events),
         ]
         loop = asyncio.get_running_loop()
-        for p in projections:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, p.stopping.set)
+
+        def stop() -> None:
+            for p in projections:
+                p.stopping.set()
+
+        # one handler for all: a signal has one handler, and the last one set replaced the
+        # others (only the control projection stopped; the process was killed at the grace)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
         serve_metrics(s, s.projector_metrics_port)
         lags = [asyncio.create_task(report_lag(s, p.group, p.topic)) for p in projections]
         try:
