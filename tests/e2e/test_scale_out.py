@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -111,6 +113,24 @@ class Load:
         wait_for(lambda: len(self.sent) >= target, 60, what)
 
 
+def hot_rule(platform: Components, tokens: dict[str, str], site: str) -> tuple[str, dict[str, Any]]:
+    """A threshold rule on the site's temperature, once the alerter has it; the rule as the
+    API answers it."""
+    spec = {
+        "kind": "threshold",
+        "metric": "temperature_c",
+        "op": "gt",
+        "threshold": 75,
+        "clear_threshold": 70,
+        "scope": {"site_id": site},
+    }
+    rule_id = rule(platform, tokens, **spec)
+    alerter_log = platform.log_dir / "alerter.log"
+    wait_for(lambda: f"rule {rule_id} (" in alerter_log.read_text(errors="replace"), 30, "rule")
+    answered = api(platform, tokens["viewer"], "GET", f"/api/v1/alert-rules/{rule_id}").json()
+    return rule_id, dict(answered)
+
+
 def joined(platform: Components, alias: str, marker: str, seen: int) -> bool:
     log = platform.log_dir / f"{alias}.log"
     return log.exists() and log.read_text(errors="replace").count(marker) > seen
@@ -126,18 +146,7 @@ def test_members_joining_and_dying_under_load_lose_repeat_and_miss_nothing(
     """A second validator, alerter and projector join under load, are killed (-9) under load,
     and join again: every reading answered 202 is stored once, and the alerts are exactly those
     the alerter's pure evaluation gives for the readings sent."""
-    spec = {
-        "kind": "threshold",
-        "metric": "temperature_c",
-        "op": "gt",
-        "threshold": 75,
-        "clear_threshold": 70,
-        "scope": {"site_id": site},
-    }
-    rule_id = rule(platform, tokens, **spec)
-    alerter_log = platform.log_dir / "alerter.log"
-    wait_for(lambda: f"rule {rule_id} (" in alerter_log.read_text(errors="replace"), 30, "rule")
-    answered = api(platform, tokens["viewer"], "GET", f"/api/v1/alert-rules/{rule_id}").json()
+    rule_id, answered = hot_rule(platform, tokens, site)
     members = {
         "validator": ("VALIDATOR_METRICS_PORT", "assigned to partitions: (TopicPartition"),
         "alerter": ("ALERTER_METRICS_PORT", "restored state"),
@@ -172,6 +181,69 @@ def test_members_joining_and_dying_under_load_lose_repeat_and_miss_nothing(
         load.stopping.set()
         load.thread.join(timeout=30)
 
+    each_reading_once_and_the_alerts_of_the_pure_evaluation(db, load, rule_id, answered, site)
+
+
+def test_a_member_paused_past_its_session_timeout_writes_nothing_wrong_when_it_resumes(
+    platform: Components,
+    tokens: dict[str, str],
+    db: psycopg.Connection,
+    site: str,
+    device_key: str,
+) -> None:
+    """A second alerter and projector are stopped (SIGSTOP) under load until the group has
+    given their partitions to the first members, then resumed: whatever they had in hand when
+    they stopped, every reading answered 202 is stored once and the alerts are exactly those of
+    the pure evaluation."""
+    rule_id, answered = hot_rule(platform, tokens, site)
+    members = {
+        "alerter": ("ALERTER_METRICS_PORT", "restored state"),
+        "projector": ("PROJECTOR_METRICS_PORT", "telemetry: assigned partitions"),
+    }
+
+    def count(alias: str, marker: str) -> int:
+        log = platform.log_dir / f"{alias}.log"
+        return log.read_text(errors="replace").count(marker) if log.exists() else 0
+
+    load = Load(platform, device_key, site)
+    load.thread.start()
+    try:
+        load.more(300, "load before the members join")
+        for name, (port, marker) in members.items():
+            seen = count(f"{name}-2", marker)
+            platform.start(name, f"{name}-2", **{port: str(free_port())})
+            wait_for(partial(joined, platform, f"{name}-2", marker, seen), 60, f"{name}-2")
+        load.more(300, "load with two members each")
+        firsts = {name: count(name, marker) for name, (_, marker) in members.items()}
+        for name in members:
+            os.kill(platform.procs[f"{name}-2"].pid, signal.SIGSTOP)
+        try:
+            for name, (_, marker) in members.items():  # the first members took over
+                wait_for(
+                    partial(joined, platform, name, marker, firsts[name]),
+                    60,
+                    f"{name} to take the paused member's partitions",
+                )
+            load.more(300, "load while the members are paused")
+        finally:
+            for name in members:
+                os.kill(platform.procs[f"{name}-2"].pid, signal.SIGCONT)
+        load.more(600, "load after the members resumed")
+        for name in members:
+            platform.stop(f"{name}-2")
+        load.more(200, "load after the members left")
+    finally:
+        load.stopping.set()
+        load.thread.join(timeout=30)
+
+    each_reading_once_and_the_alerts_of_the_pure_evaluation(db, load, rule_id, answered, site)
+
+
+def each_reading_once_and_the_alerts_of_the_pure_evaluation(
+    db: psycopg.Connection, load: Load, rule_id: str, answered: dict[str, Any], site: str
+) -> None:
+    """Every reading answered 202 is stored once, and the alerts table holds exactly the
+    alerts the alerter's pure evaluation gives for the readings sent, in the order sent."""
     sent = load.sent
     wait_for(
         lambda: stored_count(db, load.devices)[0] >= len(sent),
@@ -180,7 +252,6 @@ def test_members_joining_and_dying_under_load_lose_repeat_and_miss_nothing(
     )
     rows, distinct = stored_count(db, load.devices)
     assert rows == distinct == len(sent)
-
     rule_spec = msgspec.convert(answered, AlertRuleSpec)
     start = min(datetime.fromisoformat(r["ts"]) for r in sent)
     evaluation = Evaluation(rule_id, rule_spec, start, datetime.now(UTC), site)
