@@ -44,10 +44,11 @@ from litestar.di import Provide
 from psycopg.conninfo import make_conninfo
 
 from contracts import METRICS, Reading
+from contracts.api import ReadingSource
 from projections import telemetry_store as store
 from projections.telemetry import Source, TelemetryProjection
 from query_api.auth import TokenIssuer, jwt_auth
-from query_api.devices import DeviceController, series_query
+from query_api.devices import DeviceController, SeriesQuery, series_query
 from query_api.services import Services
 from runtime.db import migrate
 from runtime.events import EventStream
@@ -240,27 +241,21 @@ async def queries(s: Settings, repeat: int, days: int) -> None:
                     f" of {body['bucket_s']:>5} s, {read:>6,} rows read  {ms(times)}"
                 )
             end = datetime.now(UTC)
-            raw = series_query(
-                DEVICE,
-                end - timedelta(days=days),
-                end,
-                300,
-                list(METRICS),
-                now=end,
-                raw_retention=timedelta(days=s.telemetry_raw_retention_days),
-                m1_retention=timedelta(days=s.rollup_1m_retention_days),
-                source="raw",
-            )
-            rolled = series_query(
-                DEVICE,
-                end - timedelta(days=days),
-                end,
-                300,
-                list(METRICS),
-                now=end,
-                raw_retention=timedelta(days=s.telemetry_raw_retention_days),
-                m1_retention=timedelta(days=s.rollup_1m_retention_days),
-            )
+
+            def month(source: ReadingSource | None = None) -> SeriesQuery:
+                return series_query(
+                    DEVICE,
+                    end - timedelta(days=days),
+                    end,
+                    300,
+                    list(METRICS),
+                    now=end,
+                    raw_retention=timedelta(days=s.telemetry_raw_retention_days),
+                    m1_retention=timedelta(days=s.rollup_1m_retention_days),
+                    source=source,
+                )
+
+            raw, rolled = month("raw"), month()
             typer.echo(f"the {days}-day query's SQL alone, {repeat} times each:")
             for name, q in ((f"rollups ({rolled.source})", rolled), ("raw readings", raw)):
                 times = []

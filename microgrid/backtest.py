@@ -53,6 +53,7 @@ from microgrid.logread import (
     KafkaUnreachable,
     log_consumer,
     lost_before,
+    missing_topic,
     read_ranges,
     time_bounds,
     topic_partitions,
@@ -372,10 +373,7 @@ async def backtest(
         try:
             tps = await topic_partitions(consumer, topic)
         except LookupError:
-            raise BacktestError(
-                f"topic {topic!r} does not exist on {s.kafka_bootstrap_servers}"
-                " (is KAFKA_NAMESPACE right?)"
-            ) from None
+            raise BacktestError(missing_topic(s, Topics.TELEMETRY_VALID)) from None
         bounds = await time_bounds(consumer, tps, first, last)
         gone = await lost_before(consumer, tps, s.telemetry_retention_hours, first)
         if gone is not None:

@@ -233,7 +233,7 @@ class LetterReader:
         self.topics: set[str] = set()  # every topic on the broker, when started
 
     async def __aenter__(self) -> LetterReader:
-        from microgrid.logread import UnknownTopic, topic_partitions
+        from microgrid.logread import UnknownTopic, missing_topic, topic_partitions
 
         await start_consumer(self.s, self.consumer)
         try:
@@ -281,13 +281,6 @@ async def start_consumer(s: Settings, consumer: AIOKafkaConsumer) -> None:
         await start(s, consumer)
     except KafkaUnreachable as exc:
         raise DlqError(str(exc)) from None
-
-
-def missing_topic(s: Settings, name: str) -> str:
-    return (
-        f"topic {s.topic(name)!r} does not exist on {s.kafka_bootstrap_servers}"
-        " (is KAFKA_NAMESPACE right? `microgrid stack up` creates the platform's topics)"
-    )
 
 
 def progress() -> Progress:
@@ -521,7 +514,7 @@ def parse_ref(text: str, namespace: str = "") -> tuple[str, int, int]:
 async def fetch_letter(s: Settings, topic: str, partition: int, offset: int) -> DeadLetter:
     from aiokafka import TopicPartition
 
-    from microgrid.logread import UnknownTopic, log_consumer, topic_partitions
+    from microgrid.logread import UnknownTopic, log_consumer, missing_topic, topic_partitions
 
     consumer = log_consumer(s, "microgrid-dlq")
     await start_consumer(s, consumer)

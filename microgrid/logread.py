@@ -62,6 +62,15 @@ class UnknownTopic(LookupError):
     pass
 
 
+def missing_topic(s: Settings, name: str) -> str:
+    """What the analysts' and operators' commands say of a platform topic (`name`, without the
+    namespace) the broker does not have."""
+    return (
+        f"topic {s.topic(name)!r} does not exist on {s.kafka_bootstrap_servers}"
+        " (is KAFKA_NAMESPACE right? `microgrid stack up` creates the platform's topics)"
+    )
+
+
 class KafkaUnreachable(ConnectionError):
     pass
 

@@ -63,7 +63,13 @@ from rich.progress import (
 )
 
 from contracts import METRICS, Topics
-from microgrid.logread import KafkaUnreachable, log_consumer, read_ranges, topic_partitions
+from microgrid.logread import (
+    KafkaUnreachable,
+    log_consumer,
+    missing_topic,
+    read_ranges,
+    topic_partitions,
+)
 from microgrid.logread import start as start_consumer
 from projections.alerts import AlertsProjection
 from projections.base import REFUSED, Projection
@@ -516,10 +522,7 @@ async def rebuild(
         try:
             tps = await topic_partitions(consumer, topic)
         except LookupError:
-            raise RebuildError(
-                f"topic {topic!r} does not exist on {s.kafka_bootstrap_servers}"
-                " (is KAFKA_NAMESPACE right?)"
-            ) from None
+            raise RebuildError(missing_topic(s, model.topic)) from None
         begins = await consumer.beginning_offsets(tps)
         cutoff = _cutoff(s, model, begins, now)
         projection = model.projection(s)

@@ -61,6 +61,7 @@ from contracts.control import ControlEvent
 from microgrid.logread import (
     KafkaUnreachable,
     log_consumer,
+    missing_topic,
     read_ranges,
     time_bounds,
     topic_partitions,
@@ -342,10 +343,7 @@ async def replay(
         try:
             tps = await topic_partitions(consumer, s.topic(sel.topic))
         except LookupError:
-            raise ReplayError(
-                f"topic {s.topic(sel.topic)!r} does not exist on {s.kafka_bootstrap_servers}"
-                " (is KAFKA_NAMESPACE right?)"
-            ) from None
+            raise ReplayError(missing_topic(s, sel.topic)) from None
         bounds = await time_bounds(consumer, tps, first, last)
         summary.partitions = {tp.partition: ab for tp, ab in bounds.items()}
         total = sum(b - a for a, b in bounds.values())
