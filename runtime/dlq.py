@@ -13,8 +13,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from contracts import Headers
 from runtime.kafka import RenewableProducer
@@ -81,21 +82,21 @@ class DeadLetters:
         """Dead-letter each (record, reason), unchanged, and return once the broker
         acknowledged them all; raises (KafkaError) when it did not, so the caller keeps its
         position and retries."""
-        await self.send_letters(
-            [
-                Letter(
-                    r.value,
-                    r.key,
-                    reason,
-                    r.topic,
-                    r.partition,
-                    r.offset,
-                    redrive_count(r.headers) if r.headers else None,
-                )
-                for r, reason in records
-            ]
-        )
-        RECORDS.labels(self.stage, "dead-lettered").inc(len(records))
+        await self.send_letters(self.letters(records))
+
+    def letters(self, records: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> list[Letter]:
+        return [
+            Letter(
+                r.value,
+                r.key,
+                reason,
+                r.topic,
+                r.partition,
+                r.offset,
+                redrive_count(r.headers) if r.headers else None,
+            )
+            for r, reason in records
+        ]
 
     async def send_letters(self, letters: list[Letter]) -> None:
         """Like `send`, for letters whose value is not the source record's (a part of it)."""
@@ -105,6 +106,22 @@ class DeadLetters:
             await self.producer.start()
         producer = self.producer.producer
         assert producer is not None
+        try:
+            await asyncio.gather(*await self.send_with(producer, letters))
+        except Exception:
+            await self.producer.renew_if_broken()
+            raise
+        self.sent(len(letters))
+
+    def sent(self, count: int) -> None:
+        """Count letters the broker acknowledged (or a transaction holding them committed)."""
+        RECORDS.labels(self.stage, "dead-lettered").inc(count)
+
+    async def send_with(
+        self, producer: AIOKafkaProducer, letters: list[Letter]
+    ) -> list[asyncio.Future[Any]]:
+        """Queue the letters on `producer` (a caller's, in a transaction say); the futures
+        resolve once the broker acknowledged each."""
         pending = []
         for letter in letters:
             log.warning(
@@ -126,11 +143,7 @@ class DeadLetters:
             pending.append(
                 await producer.send(self.topic, letter.value, key=letter.key, headers=headers)
             )
-        try:
-            await asyncio.gather(*pending)
-        except Exception:
-            await self.producer.renew_if_broken()
-            raise
+        return pending
 
     async def close(self) -> None:
         await self.producer.stop()

@@ -299,10 +299,13 @@ class RenewableProducer:
 async def read_table(
     s: Settings, partitions: list[TopicPartition]
 ) -> dict[tuple[int, bytes], ConsumerRecord[bytes, bytes]]:
-    """The latest record of each key now in these compacted partitions, by (partition, key);
-    deleted keys (tombstones) are left out. The event loop runs between fetches, so a long
+    """The latest committed record of each key now in these compacted partitions, by
+    (partition, key); deleted keys (tombstones) are left out, and so is what aborted
+    transactions wrote. The event loop runs between fetches, so a long
     read does not starve the consumer group's heartbeats."""
-    consumer = AIOKafkaConsumer(**s.kafka_client, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        **s.kafka_client, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         consumer.assign(partitions)

@@ -49,6 +49,8 @@ class Access:
     write: tuple[str, ...] = ()  # topics it produces to (WRITE)
     groups: tuple[str, ...] = ()  # consumer groups it joins and commits in
     group_prefixes: tuple[str, ...] = ()  # groups whose names start so (one per run)
+    # transactional ids starting so (`<group>.<partition>`: the stateful processors' fencing)
+    transactional_prefixes: tuple[str, ...] = ()
 
 
 ACCESS: dict[str, Access] = {
@@ -69,6 +71,7 @@ ACCESS: dict[str, Access] = {
         read=(Topics.TELEMETRY_VALID, Topics.ALERT_RULES, Topics.ALERTER_STATE),
         write=(Topics.ALERTS, Topics.ALERTS_DLQ, Topics.ALERTER_STATE),
         groups=(Groups.ALERTER,),
+        transactional_prefixes=(Groups.ALERTER + ".",),
     ),
     # also writes each site's dispatch topic (`site_acl_bindings`)
     "controller": Access(
@@ -80,6 +83,7 @@ ACCESS: dict[str, Access] = {
             Topics.CONTROLLER_STATE,
         ),
         groups=(Groups.CONTROLLER,),
+        transactional_prefixes=(Groups.CONTROLLER + ".",),
     ),
     "projector": Access(
         read=(Topics.TELEMETRY_VALID, Topics.ALERTS, Topics.CONTROL_EVENTS),
@@ -144,6 +148,8 @@ def acl_bindings(s: Settings) -> list[AclBinding]:
             allow(user, group, s.group(name), read, prefix=False)
         for name in access.group_prefixes:
             allow(user, group, s.group(name), read, prefix=True)
+        for name in access.transactional_prefixes:
+            allow(user, ResourceType.TRANSACTIONAL_ID, s.group(name), write, prefix=True)
     return out
 
 

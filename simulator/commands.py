@@ -173,6 +173,7 @@ async def serve_commands(
             client_id="microgrid-simulator",
             auto_offset_reset="latest",
             enable_auto_commit=True,
+            isolation_level="read_committed",  # the controller writes in transactions
             metadata_max_age_ms=30_000,  # soon notice a dispatch topic created after the start
         )
 

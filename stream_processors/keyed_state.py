@@ -10,14 +10,21 @@ result]`. The shell owns everything around them:
   revocation (`forget`); records of a partition wait until its state is restored, and
   `not_ready` (the gauge `microgrid_state_partitions_not_ready`, `/readyz`) names the
   partitions still waiting;
-- fencing: a record of a partition this member no longer owns is neither processed nor lets
-  anything be written, so a member that lost a partition cannot write after its successor;
-- state after acknowledgement: steps and timers work on staged copies (`KeyedState.get`
-  copies, `set`/`delete` stage); a batch's outputs and dead letters are sent first, the staged
-  states are written to the changelog once the broker acknowledged every output, and become
-  the state in memory once that is acknowledged too. When anything fails (a step raises, a
-  send fails) everything staged is discarded, so the batch FastStream redelivers is worked
-  again from the same state and emits the same events;
+- fencing by Kafka transactions, with a transactional id per input partition
+  (`<group>.<partition>`): what a batch does for partition p (its outputs, dead letters,
+  changelog records and the group's offsets for p) is one transaction of p's producer. The
+  member given p starts that producer before it restores p's state; the broker then aborts
+  whatever transaction an earlier holder left open and refuses (ProducerFenced) anything that
+  holder tries later, so a member that lost p and does not know it yet (paused past its
+  session timeout, say) cannot write after its successor, and the successor restores exactly
+  what was committed. A member fenced on p stops working p; if the group still gives it p once
+  a session timeout has passed (no successor took it), it starts p's producer anew. Readers of
+  the outputs and changelogs read committed records only;
+- state after commit: steps and timers work on staged copies (`KeyedState.get` copies,
+  `set`/`delete` stage); the staged states become the state in memory once their partition's
+  transaction committed. When anything fails (a step raises, a transaction aborts) what is
+  staged for the partitions that did not commit is discarded, so the batch FastStream
+  redelivers is worked again from the same state and emits the same events;
 - per-record rejection: a step raises `Unprocessable` for a record it cannot use; the shell
   sends it unchanged, with the reason, to the stage's dead-letter topic (acknowledged before
   the batch commits), and processing goes on with the next record;
@@ -27,6 +34,7 @@ result]`. The shell owns everything around them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterator
@@ -35,12 +43,14 @@ from datetime import UTC, datetime
 from typing import Generic, TypeAlias, TypeVar
 
 import msgspec
-from aiokafka import ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.transaction_manager import TransactionState
 from prometheus_client import Counter, Gauge
 
 from runtime.dlq import DeadLetters
-from runtime.kafka import RenewableProducer, read_table
+from runtime.kafka import read_table, reliable_producer
 from runtime.metrics import RECORDS, MetricsServer, report_lag, serve_metrics
 from runtime.retry import Retry, RetryPolicy, call_with_retries
 from runtime.settings import Settings
@@ -55,6 +65,15 @@ RESTORE_YIELD_EVERY = 10_000  # records restored between two yields to the event
 RESTORE_ATTEMPT_S = 60.0  # a changelog read taking longer is abandoned and tried again
 RESTORE_RETRY = RetryPolicy(initial_s=0.5, max_s=30.0, deadline_s=None)  # until it succeeds
 RestoredTable: TypeAlias = dict[tuple[int, bytes], ConsumerRecord[bytes, bytes]]
+Opened: TypeAlias = tuple[dict[int, AIOKafkaProducer], RestoredTable]
+# a transaction a member leaves open (it died, or is paused) holds back readers of committed
+# records on its partitions until its successor fences it, or at most this long
+TRANSACTION_TIMEOUT_MS = 15_000
+# a member fenced on a partition the group still gives it waits this long (past any session
+# timeout, so a member that lost the partition has heard by then) before taking it up again
+REFENCE_AFTER_S = 15.0
+FENCED = (ProducerFenced, InvalidProducerEpoch)
+ABORTABLE = (TransactionState.IN_TRANSACTION, TransactionState.ABORTABLE_ERROR)
 
 RESTORE_FAILURES = Counter(
     "microgrid_state_restore_failures_total",
@@ -153,9 +172,12 @@ class KeyedState(Generic[S]):
             self._partition.pop(key, None)
         return gone
 
-    def _merge(self) -> None:
-        """The staged changes become the committed state."""
+    def _merge(self, partitions: Collection[int] | None = None) -> None:
+        """The staged changes (of keys in `partitions`, or all) become the committed state;
+        the rest is discarded."""
         for key, value in self._staged.items():
+            if partitions is not None and self.partition_of(key) not in partitions:
+                continue
             if value is None:
                 self._values.pop(key, None)
                 self._partition.pop(key, None)
@@ -175,6 +197,16 @@ class KeyedState(Generic[S]):
 
 Step = Callable[[Record, KeyedState[S], datetime], list[Output]]
 Timer = Callable[[KeyedState[S], datetime], list[Output]]
+
+
+@dataclass(slots=True)
+class _Work:
+    """What one input partition's transaction carries."""
+
+    outputs: list[Output]
+    refused: list[tuple[Record, str]]
+    offsets: dict[TopicPartition, int]  # the group's next offsets, for the batch's records
+    changes: dict[str, object]  # staged states by key (None: a tombstone)
 
 
 class StatefulShell(Generic[S]):
@@ -205,7 +237,7 @@ class StatefulShell(Generic[S]):
         self.on_forget = on_forget
         self.on_sent = on_sent
         self.state: KeyedState[S] = KeyedState(copy)
-        self.producer = RenewableProducer(s, f"microgrid-{name}-out")
+        self.producers: dict[int, AIOKafkaProducer] = {}  # transactional, per owned partition
         self.dead_letters = DeadLetters(s, dead_letters, group)
         self.lock = asyncio.Lock()
         self.assigned: set[int] = set()  # partitions given to this member, restored or not
@@ -213,6 +245,7 @@ class StatefulShell(Generic[S]):
         self.ready: dict[int, asyncio.Event] = {}
         self.restore_attempt_s = RESTORE_ATTEMPT_S
         self.restore_policy = RESTORE_RETRY
+        self.refence_after_s = REFENCE_AFTER_S
         self._decoder = msgspec.json.Decoder(state_type)
         self._timers: list[tuple[float, Timer[S]]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -226,7 +259,6 @@ class StatefulShell(Generic[S]):
         self._timers.append((interval_s, timer))
 
     async def start(self, *tasks: Awaitable[None]) -> None:
-        await self.producer.start()
         self._server = serve_metrics(self.s, self.metrics_port, self.not_ready)
         self._tasks = [
             asyncio.create_task(report_lag(self.s, self.group, self.lag_topic)),
@@ -237,7 +269,7 @@ class StatefulShell(Generic[S]):
     async def stop(self) -> None:
         for task in [*self._tasks, *self._restoring.values()]:
             task.cancel()
-        await self.producer.stop()
+        await self._close_producers(list(self.producers))
         await self.dead_letters.close()
         if self._server is not None:
             await asyncio.to_thread(self._server.close)
@@ -270,49 +302,117 @@ class StatefulShell(Generic[S]):
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: restoring %s failed: %r", self.name, partitions, task.exception())
 
+    def transactional_id(self, partition: int) -> str:
+        return f"{self.group}.{partition}"
+
+    async def _open_producers(self, partitions: list[int]) -> dict[int, AIOKafkaProducer]:
+        """Start the partitions' transactional producers. Once a producer has its id, the
+        broker has fenced every earlier holder of the transactional id and aborted what it
+        left open, so the changelog read next holds committed state only, and will not
+        change behind this member's back."""
+
+        async def open_one(p: int) -> AIOKafkaProducer:
+            producer = reliable_producer(
+                self.s,
+                client_id=f"microgrid-{self.name}-{p}",
+                transactional_id=self.transactional_id(p),
+                transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+            )
+            try:
+                await producer.start()
+                await producer.begin_transaction()  # waits for the producer id: the fence
+                await producer.commit_transaction()  # empty: nothing is sent
+            except BaseException:
+                await _stop_quietly(producer)
+                raise
+            return producer
+
+        opened = await asyncio.gather(*(open_one(p) for p in partitions), return_exceptions=True)
+        failure = next((o for o in opened if isinstance(o, BaseException)), None)
+        producers = {
+            p: o
+            for p, o in zip(partitions, opened, strict=True)
+            if not isinstance(o, BaseException)
+        }
+        if failure is not None:
+            await asyncio.gather(*(_stop_quietly(o) for o in producers.values()))
+            raise failure
+        return producers
+
+    async def _close_producers(self, partitions: list[int]) -> None:
+        closing = [self.producers.pop(p) for p in partitions if p in self.producers]
+        await asyncio.gather(*(_stop_quietly(p) for p in closing))
+
     async def restore(self, partitions: list[int]) -> None:
-        """Read the partitions' state from the changelog, then let their records through. A
-        failed read (the broker away, say) is counted and retried with backoff until it
-        succeeds; the partitions are not ready (`not_ready`, /readyz) meanwhile."""
+        """Fence earlier holders of the partitions (their transactional producers), read the
+        partitions' state from the changelog, then let their records through. A failed attempt
+        (the broker away, say) is counted and retried with backoff until it succeeds; the
+        partitions are not ready (`not_ready`, /readyz) meanwhile."""
         self.assigned.update(partitions)
         self._report_readiness()
         tps = [TopicPartition(self.changelog, p) for p in partitions]
 
-        async def attempt(_left: float) -> RestoredTable | Retry[RestoredTable]:
+        async def attempt(_left: float) -> Opened | Retry[Opened]:
             try:
-                return await asyncio.wait_for(read_table(self.s, tps), self.restore_attempt_s)
-            except (KafkaError, OSError, TimeoutError) as exc:
-                RESTORE_FAILURES.labels(self.group).inc()
-                log.warning(
-                    "%s: restoring the state of partitions %s failed, retrying: %r",
-                    self.name,
-                    partitions,
-                    exc,
+                producers = await asyncio.wait_for(
+                    self._open_producers(partitions), self.restore_attempt_s
                 )
-                return Retry({})
+            except (KafkaError, OSError, TimeoutError) as exc:
+                return self._restore_failed(partitions, exc)
+            try:
+                table = await asyncio.wait_for(read_table(self.s, tps), self.restore_attempt_s)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                await asyncio.gather(*(_stop_quietly(p) for p in producers.values()))
+                return self._restore_failed(partitions, exc)
+            except BaseException:
+                await asyncio.gather(*(_stop_quietly(p) for p in producers.values()))
+                raise
+            return producers, table
 
-        table, retries = await call_with_retries(attempt, self.restore_policy)
+        (producers, table), retries = await call_with_retries(attempt, self.restore_policy)
         restored = []
-        for i, ((partition, raw_key), rec) in enumerate(table.items()):
-            restored.append((raw_key.decode(), self._decoder.decode(rec.value or b""), partition))
-            if i % RESTORE_YIELD_EVERY == RESTORE_YIELD_EVERY - 1:
-                await asyncio.sleep(0)  # keep heartbeats going through a large restore
+        try:
+            for i, ((partition, raw_key), rec) in enumerate(table.items()):
+                restored.append(
+                    (raw_key.decode(), self._decoder.decode(rec.value or b""), partition)
+                )
+                if i % RESTORE_YIELD_EVERY == RESTORE_YIELD_EVERY - 1:
+                    await asyncio.sleep(0)  # keep heartbeats going through a large restore
+        except BaseException:
+            await asyncio.gather(*(_stop_quietly(p) for p in producers.values()))
+            raise
         async with self.lock:
-            partitions = [p for p in partitions if p in self.assigned]  # not revoked since
+            kept = [p for p in partitions if p in self.assigned]  # not revoked since
+            await self._close_producers(kept)  # a fenced member's, now replaced
+            for p, producer in producers.items():
+                if p in self.assigned:
+                    self.producers[p] = producer
+                else:
+                    await _stop_quietly(producer)
             for key, value, partition in restored:
                 if partition in self.assigned:
                     self.state._load(key, value, partition)
-            self.owned.update(partitions)
-            for p in partitions:
+            self.owned.update(kept)
+            for p in kept:
                 self.ready.setdefault(p, asyncio.Event()).set()
             self._report_readiness()
         log.info(
             "%s restored state of %d keys for partitions %s%s",
             self.name,
             len(table),
-            partitions,
+            kept,
             f" after {retries} failed attempts" if retries else "",
         )
+
+    def _restore_failed(self, partitions: list[int], exc: BaseException) -> Retry[Opened]:
+        RESTORE_FAILURES.labels(self.group).inc()
+        log.warning(
+            "%s: restoring the state of partitions %s failed, retrying: %r",
+            self.name,
+            partitions,
+            exc,
+        )
+        return Retry(({}, {}))
 
     async def forget(self, partitions: list[int]) -> None:
         gone_set = set(partitions)
@@ -328,6 +428,7 @@ class StatefulShell(Generic[S]):
                 if old is not None:
                     old.set()  # a batch waiting on it looks again, at the new event
             gone = self.state._drop(gone_set)
+            await self._close_producers(partitions)
             self._report_readiness()
         # a cancelled restore may also have covered partitions that stay: restore them anew
         pending = sorted(p for p in self.assigned - self.owned if p not in self._restoring)
@@ -336,29 +437,57 @@ class StatefulShell(Generic[S]):
         if self.on_forget is not None:
             self.on_forget(gone)
 
+    def _fenced(self, partition: int) -> None:
+        """Another member holds the partition's transactional id: stop working the partition.
+        Called under the lock."""
+        log.warning(
+            "%s: fenced on partition %d (another member has it now); its records wait",
+            self.name,
+            partition,
+        )
+        RECORDS.labels(self.group, "fenced").inc()
+        self.owned.discard(partition)
+        self.ready[partition] = asyncio.Event()
+        self.state._drop({partition})
+        self._report_readiness()
+        self._tasks.append(asyncio.create_task(self._take_up_again(partition)))
+
+    async def _take_up_again(self, partition: int) -> None:
+        """If the group still gives this member the partition once any member that lost it
+        must have heard (a session timeout), no successor took it: fence anew and restore."""
+        await asyncio.sleep(self.refence_after_s)
+        p = partition
+        if p in self.assigned and p not in self.owned and p not in self._restoring:
+            self.assign([p])
+
     # --- records and timers ------------------------------------------------------------------
 
     async def process(self, records: tuple[Record, ...], step: Step[S]) -> None:
-        """Apply `step` to each record and commit; return once everything is acknowledged.
+        """Apply `step` to each record and commit; return once everything is committed.
         A record the step refuses (`Unprocessable`) goes to the dead-letter topic. A failure
-        raises, nothing of the batch is kept, and FastStream redelivers the batch."""
+        raises, nothing of the partitions that did not commit is kept, and FastStream
+        redelivers the batch."""
         await self._wait_ready({rec.partition for rec in records})
         async with self.lock:
             try:
                 now = datetime.now(UTC)
-                outputs: list[Output] = []
-                refused: list[tuple[Record, str]] = []
+                work: dict[int, _Work] = {}
                 for rec in records:
-                    if rec.partition not in self.owned:  # revoked while this batch waited
+                    p = rec.partition
+                    if p not in self.owned:  # revoked (or fenced) while this batch waited
                         RECORDS.labels(self.group, "fenced").inc()
                         continue
+                    w = work.get(p)
+                    if w is None:
+                        w = work[p] = _Work([], [], {}, {})
+                    w.offsets[TopicPartition(rec.topic, p)] = rec.offset + 1
                     try:
-                        outputs.extend(step(rec, self.state, now))
+                        w.outputs.extend(step(rec, self.state, now))
                     except Unprocessable as exc:
-                        refused.append((rec, str(exc) or type(exc).__name__))
-                await self._commit(outputs, refused)
+                        w.refused.append((rec, str(exc) or type(exc).__name__))
+                await self._commit(work)
             finally:
-                self.state._discard()  # what a failed batch staged (a committed one merged)
+                self.state._discard()  # what did not commit
 
     async def _wait_ready(self, partitions: set[int]) -> None:
         """Until each partition's state is restored; records can arrive before. A timeout
@@ -374,7 +503,11 @@ class StatefulShell(Generic[S]):
             await asyncio.sleep(interval_s)
             async with self.lock:
                 try:
-                    await self._commit(timer(self.state, datetime.now(UTC)))
+                    work: dict[int, _Work] = {}
+                    for out in timer(self.state, datetime.now(UTC)):
+                        p = self._partition_of_output(out)
+                        work.setdefault(p, _Work([], [], {}, {})).outputs.append(out)
+                    await self._commit(work)
                 except KafkaError as exc:
                     log.warning("%s: a timer's outputs could not be sent: %r", self.name, exc)
                 except Exception:
@@ -384,34 +517,97 @@ class StatefulShell(Generic[S]):
                 finally:
                     self.state._discard()
 
-    async def _commit(
-        self, outputs: list[Output], refused: list[tuple[Record, str]] | None = None
-    ) -> None:
-        """Send the outputs and dead letters; once all are acknowledged, write the staged
-        states to the changelog; once that is acknowledged too, make them the state."""
-        changed = self.state._staged
-        refused = refused or []
-        if not outputs and not changed and not refused:
+    def _partition_of_output(self, out: Output) -> int:
+        """The input partition a timer's output belongs to: its key's, as the producers of the
+        inputs place keys (murmur2, like Kafka's default partitioner)."""
+        return (murmur2(out.key) & 0x7FFFFFFF) % self.s.device_topic_partitions
+
+    async def _commit(self, work: dict[int, _Work]) -> None:
+        """One transaction per partition: its outputs, dead letters, changelog records and the
+        group's offsets. The partitions' staged states become the state once their own
+        transaction committed; the first failure is raised once all have ended."""
+        for key, value in self.state._staged.items():
+            p = self.state.partition_of(key)
+            if p not in work:
+                work[p] = _Work([], [], {}, {})
+            work[p].changes[key] = value
+        work = {p: w for p, w in work.items() if w.outputs or w.refused or w.changes or w.offsets}
+        if not work:
             return
-        producer = self.producer.producer
-        assert producer is not None, "start() first"
-        try:
-            sent = [await producer.send(o.topic, o.value, key=o.key) for o in outputs]
-            await self.dead_letters.send(refused)
-            await asyncio.gather(*sent)
-            logged = [
-                await producer.send(
-                    self.changelog,
-                    None if value is None else msgspec.json.encode(value),
-                    key=key.encode(),
-                    partition=self.state.partition_of(key),
-                )
-                for key, value in changed.items()
-            ]
-            await asyncio.gather(*logged)
-        except KafkaError:
-            await self.producer.renew_if_broken()
-            raise
-        self.state._merge()
+        ended = await asyncio.gather(
+            *(self._transact(p, w) for p, w in work.items()), return_exceptions=True
+        )
+        committed = [p for p, e in zip(work, ended, strict=True) if e is None]
+        self.state._merge(set(committed))
+        for p in committed:
+            self.dead_letters.sent(len(work[p].refused))
         if self.on_sent is not None:
-            self.on_sent(outputs)
+            self.on_sent([o for p in committed for o in work[p].outputs])
+        failure = next((e for e in ended if isinstance(e, BaseException)), None)
+        if failure is not None:
+            raise failure
+
+    async def _transact(self, partition: int, w: _Work) -> None:
+        producer = self.producers.get(partition)
+        if producer is None:  # a timer's output for a partition no longer held
+            raise KafkaError(f"{self.name}: no producer for partition {partition}")
+        try:
+            await producer.begin_transaction()
+            sent = [await producer.send(o.topic, o.value, key=o.key) for o in w.outputs]
+            sent += await self.dead_letters.send_with(
+                producer, self.dead_letters.letters(w.refused)
+            )
+            for key, value in w.changes.items():
+                sent.append(
+                    await producer.send(
+                        self.changelog,
+                        None if value is None else msgspec.json.encode(value),
+                        key=key.encode(),
+                        partition=partition,
+                    )
+                )
+            acked = await asyncio.gather(*sent, return_exceptions=True)
+            failed = next((a for a in acked if isinstance(a, BaseException)), None)
+            if failed is not None:
+                raise failed
+            if w.offsets:
+                await producer.send_offsets_to_transaction(w.offsets, self.group)
+            await producer.commit_transaction()
+        except FENCED:
+            self._fenced(partition)
+            await self._close_producers([partition])
+            raise
+        except BaseException as exc:
+            await self._abort(partition, producer, exc)
+            raise
+
+    async def _abort(self, partition: int, producer: AIOKafkaProducer, exc: BaseException) -> None:
+        """End a failed transaction; a producer that cannot go on (a fatal error) is replaced
+        by a new one with the same transactional id."""
+        txn = producer._txn_manager  # aiokafka says nothing public of a transaction's state
+        try:
+            if txn is not None and txn.state in ABORTABLE:
+                await asyncio.wait_for(producer.abort_transaction(), TRANSACTION_TIMEOUT_MS / 1000)
+                return
+        except FENCED:
+            self._fenced(partition)
+            await self._close_producers([partition])
+            return
+        except Exception as again:
+            log.warning(
+                "%s: aborting partition %d's transaction failed: %r", self.name, partition, again
+            )
+        if partition in self.owned:
+            log.warning("%s: replacing partition %d's producer after %r", self.name, partition, exc)
+            await self._close_producers([partition])
+            self.owned.discard(partition)
+            self.ready[partition] = asyncio.Event()
+            self.state._drop({partition})
+            self._report_readiness()
+            if partition not in self._restoring:
+                self.assign([partition])
+
+
+async def _stop_quietly(producer: AIOKafkaProducer) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.stop(), timeout=10)

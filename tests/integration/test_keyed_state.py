@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 
 from contracts import Headers, Reading, ReadingBatch, Topics
 from contracts.alerting import AlertEvent, ThresholdRule
-from runtime.kafka import RenewableProducer, delete_topics, ensure_topics, read_table, topic_specs
+from runtime.kafka import delete_topics, ensure_topics, read_table, reliable_producer, topic_specs
 from runtime.retry import RetryPolicy
 from runtime.settings import Settings
 from stream_processors.alerter import Alerter
@@ -59,7 +59,7 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
         admin = AIOKafkaAdminClient(**s.kafka_client)
         await admin.start()
         try:
-            await admin.create_topics([NewTopic(t, 2, 1) for t in (out, changelog, dlq)])
+            await admin.create_topics([NewTopic(t, 2, 1) for t in (source, out, changelog, dlq)])
         finally:
             await admin.close()
         shell: StatefulShell[Counter] = StatefulShell(
@@ -72,7 +72,6 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
             lag_topic=out,
             metrics_port=0,
         )
-        await shell.producer.start()
         try:
             await shell.restore([0, 1])
             await shell.process(
@@ -85,15 +84,8 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
                 failed = True
             await shell.process((record(source, 0, 1, "a", b"2"),), step)
         finally:
-            await shell.producer.stop()
-            await shell.dead_letters.close()
-        consumer = AIOKafkaConsumer(out, **s.kafka_client, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            got = await consumer.getmany(timeout_ms=5000)
-        finally:
-            await consumer.stop()
-        sent = sorted(r.value or b"" for rs in got.values() for r in rs)
+            await shell.stop()
+        sent = sorted(r.value or b"" for r in await read_all(s, out, 2))
         table = await read_table(s, [TopicPartition(changelog, p) for p in (0, 1)])
         written = {
             key.decode(): msgspec.json.decode(rec.value or b"", type=Counter).n
@@ -110,8 +102,9 @@ def test_states_are_written_after_their_outputs_and_never_for_a_failed_batch(
             metrics_port=0,
         )
         await reborn.restore([0, 1])
+        await reborn.stop()
         restored = {key: value.n for key, value in reborn.state.items()}
-        await delete_topics(s, [out, changelog, dlq])
+        await delete_topics(s, [source, out, changelog, dlq])
         return failed, sent, written, restored
 
     failed, sent, written, restored = asyncio.run(scenario())
@@ -149,7 +142,9 @@ def readings(device: str, *values: tuple[int, float]) -> bytes:
 async def read_all(s: Settings, topic: str, at_least: int, timeout_s: float = 15.0) -> list[Any]:
     """The records of `topic` from its beginning, once there are `at_least` (or the time is
     up), and anything that follows them within half a second."""
-    consumer = AIOKafkaConsumer(topic, **s.kafka_client, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        topic, **s.kafka_client, auto_offset_reset="earliest", isolation_level="read_committed"
+    )
     await consumer.start()
     got: list[Any] = []
     try:
@@ -188,30 +183,28 @@ def test_a_batch_whose_events_could_not_be_sent_emits_each_of_them_once_when_red
     async def scenario() -> tuple[type[Exception] | None, list[AlertEvent], DeviceState | None]:
         await ensure_topics(s)
         await shell.restore(list(range(s.device_topic_partitions)))
-        await shell.producer.start()
         try:
             await shell.process(before, alerter.step)
-        finally:
-            await shell.producer.stop()
-        # The first attempt goes through a producer that refuses any record over 64 bytes:
-        # aiokafka raises MessageSizeTooLargeError, as a broker's limit would.
-        shell.producer = RenewableProducer(s, "alerter-small", max_request_size=64)
-        await shell.producer.start()
-        failed = None
-        try:
-            await shell.process(batch, alerter.step)
-        except KafkaError as exc:
-            failed = type(exc)
-        finally:
-            await shell.producer.stop()
-        shell.producer = RenewableProducer(s, "alerter-out")
-        await shell.producer.start()
-        try:
+            # The first attempt goes through a producer (partition 0's transactional id, so it
+            # fences the shell's own) that refuses any record over 64 bytes: aiokafka raises
+            # MessageSizeTooLargeError, as a broker's limit would.
+            small = reliable_producer(
+                s, transactional_id=shell.transactional_id(0), max_request_size=64
+            )
+            await small.start()
+            await small.begin_transaction()
+            await small.commit_transaction()
+            shell.producers[0] = small
+            failed = None
+            try:
+                await shell.process(batch, alerter.step)
+            except KafkaError as exc:
+                failed = type(exc)
+            await shell.restore([0])  # partition 0's producer anew, its state as committed
             await shell.process(batch, alerter.step)  # FastStream's redelivery
             await shell.process(batch, alerter.step)  # and once more: all replayed
         finally:
-            await shell.producer.stop()
-            await shell.dead_letters.close()
+            await shell.stop()
         sent = await read_all(s, s.topic(Topics.ALERTS), 3)
         events = [msgspec.json.decode(r.value, type=AlertEvent) for r in sent]
         return failed, events, shell.state.peek("dev-1")
@@ -245,13 +238,11 @@ def test_records_the_alerter_refuses_are_dead_lettered_with_why_and_the_rest_is_
 
     async def scenario() -> tuple[list[Any], list[AlertEvent]]:
         await ensure_topics(s)
-        await shell.producer.start()
         try:
             await shell.restore(list(range(s.device_topic_partitions)))
             await shell.process(batch, alerter.step)
         finally:
-            await shell.producer.stop()
-            await shell.dead_letters.close()
+            await shell.stop()
         dead = await read_all(s, s.topic(Topics.ALERTS_DLQ), 2)
         sent = await read_all(s, s.topic(Topics.ALERTS), 1)
         return dead, [msgspec.json.decode(r.value, type=AlertEvent) for r in sent]
@@ -366,3 +357,76 @@ def test_a_failed_restore_is_retried_and_the_partition_becomes_ready(stack: Sett
         REGISTRY.get_sample_value("microgrid_state_partitions_not_ready", {"group": shell.group})
         == 0
     )
+
+
+def test_a_member_that_lost_its_partition_cannot_write_after_its_successor(
+    stack: Settings,
+) -> None:
+    """The zombie case: a member holds partition 0 and has worked on a batch; meanwhile the
+    group gave partition 0 to another member (the first was paused past its session timeout,
+    say), which restored the state and went on. Whatever the first then tries to commit (its
+    outputs, its state, the group's offsets) is refused by the broker, and nothing of it is
+    read: neither by a reader of committed records nor by the next restore."""
+    s = stack.model_copy(update={"kafka_namespace": f"fence-{uuid.uuid4().hex[:8]}."})
+    source, out, changelog, dlq = s.topic("in"), s.topic("out"), s.topic("state"), s.topic("dlq")
+    group = s.group("fence-check")
+
+    def step(rec: ConsumerRecord, state: KeyedState[Counter], now: datetime) -> list[Output]:
+        key = (rec.key or b"").decode()
+        current = state.get(key) or Counter(0)
+        state.set(key, Counter(current.n + 1), rec.partition)
+        return [Output(out, rec.key or b"", f"{key}={current.n + 1}@{rec.offset}".encode())]
+
+    def member() -> StatefulShell[Counter]:
+        return StatefulShell(
+            s,
+            name="fence-check",
+            group=group,
+            changelog=changelog,
+            state_type=Counter,
+            dead_letters=dlq,
+            lag_topic=out,
+            metrics_port=0,
+        )
+
+    async def scenario() -> tuple[type[BaseException] | None, bool, list[bytes], int, Any]:
+        admin = AIOKafkaAdminClient(**s.kafka_client)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(t, 1, 1) for t in (source, out, changelog, dlq)])
+        finally:
+            await admin.close()
+        zombie, successor = member(), member()
+        try:
+            await zombie.restore([0])
+            await zombie.process((record(source, 0, 0, "a", b""),), step)
+            await successor.restore([0])  # the group gave partition 0 to another member
+            await successor.process((record(source, 0, 1, "a", b""),), step)
+            refused = None
+            try:  # the first member, back, works on its next batch
+                await zombie.process((record(source, 0, 1, "a", b""),), step)
+            except KafkaError as exc:
+                refused = type(exc)
+            still_owned = 0 in zombie.owned
+            await successor.process((record(source, 0, 2, "a", b""),), step)
+        finally:
+            await zombie.stop()
+            await successor.stop()
+        sent = [r.value or b"" for r in await read_all(s, out, 3)]
+        table = await read_table(s, [TopicPartition(changelog, 0)])
+        state = msgspec.json.decode(table[(0, b"a")].value or b"", type=Counter).n
+        check = AIOKafkaAdminClient(**s.kafka_client)
+        await check.start()
+        try:
+            offsets = await check.list_consumer_group_offsets(group)
+        finally:
+            await check.close()
+        await delete_topics(s, [source, out, changelog, dlq])
+        return refused, still_owned, sent, state, offsets.get(TopicPartition(source, 0))
+
+    refused, still_owned, sent, state, committed = asyncio.run(scenario())
+    assert refused is not None and issubclass(refused, KafkaError)
+    assert not still_owned  # the fenced member stops working the partition
+    assert sent == [b"a=1@0", b"a=2@1", b"a=3@2"]  # nothing of the fenced batch
+    assert state == 3
+    assert committed is not None and committed.offset == 3
