@@ -47,18 +47,55 @@ def _fail(message: str) -> NoReturn:
 
 
 @stack_app.command("up")
-def stack_up() -> None:
+def stack_up(
+    brokers: Annotated[
+        int,
+        typer.Option(
+            help="Kafka brokers: 1, or 3 for a KRaft cluster (node i on the Kafka ports"
+            " + 100 * (i - 1), data under STACK_DIR/kafka-cluster; `stack down` before switching)"
+        ),
+    ] = 1,
+) -> None:
     """Start Kafka, PostgreSQL and Redis (idempotent) and create the topics."""
-    from microgrid.stack import StackError, services
+    from microgrid.stack import CLUSTER_SIZE, KafkaCluster, StackError, services
 
+    if brokers not in (1, CLUSTER_SIZE):
+        _fail(f"--brokers {brokers}: give 1 or {CLUSTER_SIZE}")
     s = get_settings()
-    for svc in services(s):
+    cluster: KafkaCluster | None = None
+    for svc in services(s, brokers):
         try:
             svc.up()
         except StackError as exc:
             _fail(f"{svc.name}: {exc}")
-        st = svc.status()
-        typer.echo(f"{st.name:<9} up on 127.0.0.1:{st.port} ({st.detail})")
+        if isinstance(svc, KafkaCluster):
+            cluster = svc
+        for st in svc.statuses() if isinstance(svc, KafkaCluster) else [svc.status()]:
+            typer.echo(f"{st.name:<9} up on 127.0.0.1:{st.port} ({st.detail})")
+    get_settings.cache_clear()  # the cluster's clients file was written, or removed
+    s = get_settings() if cluster is None else cluster.client_settings()
+    if cluster is not None:
+        overridden = [
+            f"{name}={os.environ[name]}"
+            for name, value in [
+                ("KAFKA_BOOTSTRAP_SERVERS", s.kafka_bootstrap_servers),
+                ("TOPIC_REPLICATION_FACTOR", str(s.topic_replication_factor)),
+            ]
+            if os.environ.get(name, value) != value
+        ]
+        typer.echo(
+            f"clients: KAFKA_BOOTSTRAP_SERVERS={s.kafka_bootstrap_servers}"
+            f" TOPIC_REPLICATION_FACTOR={s.topic_replication_factor}, in {cluster.env_file}"
+            " (the settings read it after .env)"
+        )
+        if overridden:
+            typer.secho(
+                f"your environment overrides it ({', '.join(overridden)}): export"
+                f" KAFKA_BOOTSTRAP_SERVERS={s.kafka_bootstrap_servers}"
+                f" TOPIC_REPLICATION_FACTOR={s.topic_replication_factor}",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
     created = _ensure_topics(s)
     if created:
         typer.echo(f"topics created: {', '.join(created)}")
@@ -73,12 +110,18 @@ def stack_down(
 
     from microgrid.stack import services
 
-    for svc in reversed(services(get_settings())):
+    s = get_settings()
+    for svc in reversed(services(s)):
         svc.down()
         typer.echo(f"{svc.name:<9} stopped")
         if purge:
             shutil.rmtree(svc.data, ignore_errors=True)
             typer.echo(f"{svc.name:<9} data deleted ({svc.data})")
+    if purge:  # both Kafka modes' data, whichever ran last
+        for other in (s.stack_dir / "kafka" / "data", s.stack_dir / "kafka-cluster"):
+            if other.exists():
+                shutil.rmtree(other, ignore_errors=True)
+                typer.echo(f"{'kafka':<9} data deleted ({other})")
 
 
 @stack_app.command("status")
@@ -170,8 +213,20 @@ def _supervise(names: list[str], replicas: dict[str, int] | None = None) -> None
     configure_logging("supervisor", s.log_level)
     if s.kafka_password:  # the admin's credentials: topics and ACLs are made sure of here
         _ensure_topics(s)
+        _check_partitions(s)
     ports = {v: getattr(s, v.lower()) for v in GROUP_METRICS_PORTS.values()}
     raise typer.Exit(Supervisor(names, replicas=replicas, ports=ports).run())
+
+
+def _check_partitions(s: Settings) -> None:
+    """Refuse to run while DEVICE_TOPIC_PARTITIONS and the topics keyed by device disagree
+    (after `kafka grow`, before the setting follows): the stateful processors would refuse."""
+    from runtime.kafka import PartitionMismatch, check_device_partitions, device_topic_specs
+
+    try:
+        asyncio.run(check_device_partitions(s, [spec.name for spec in device_topic_specs(s)]))
+    except PartitionMismatch as exc:
+        _fail(f"refusing to run the platform: {exc}")
 
 
 def _ensure_topics(s: Settings, credentials: bool = True) -> list[str]:
@@ -246,6 +301,26 @@ def kafka_setup(
     if created:
         typer.echo(f"topics created: {', '.join(created)}")
     typer.echo("principals and ACLs are set" if credentials else "ACLs are set")
+
+
+@kafka_app.command("grow")
+def kafka_grow(
+    partitions: Annotated[
+        int, typer.Option(min=1, help="the new partition count of every topic keyed by device")
+    ],
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask before changing")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="check and say what it would do; change nothing")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Raise every topic keyed by device to more partitions (more members per consumer group),
+    with the platform stopped: refuses while a group has members or records left to read; moves
+    the alerter's and controller's state to the partitions its devices map to; new partitions
+    start at offset 0 for every group. Then set DEVICE_TOPIC_PARTITIONS to the new count."""
+    from microgrid.partitions import command
+
+    raise typer.Exit(command(get_settings(), partitions, yes=yes, dry_run=dry_run, as_json=as_json))
 
 
 @keys_app.command("create")

@@ -17,7 +17,7 @@ from typing import Any
 
 import uvloop
 
-from runtime.kafka import closed_transport_is_a_connection_error
+from runtime.kafka import PartitionMismatch, closed_transport_is_a_connection_error
 from runtime.logs import configure_logging
 from runtime.settings import DEV_KAFKA_PASSWORDS, Settings, get_settings, require_environment
 
@@ -227,8 +227,12 @@ def main(argv: list[str]) -> None:
     tune_gc()
     closed_transport_is_a_connection_error()
     target = COMPONENTS.get(name) or EXTRAS[name]
-    with contextlib.suppress(KeyboardInterrupt):
-        target(s)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            target(s)
+    except PartitionMismatch as exc:  # the alerter's and controller's check at start
+        sys.stderr.write(f"{name}: refusing to start: {exc}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

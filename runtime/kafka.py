@@ -91,6 +91,63 @@ def topic_specs(s: Settings) -> list[TopicSpec]:
     ]
 
 
+def device_topic_specs(s: Settings) -> list[TopicSpec]:
+    """The platform's topics keyed by device id, every one but `alert-rules`: they have
+    DEVICE_TOPIC_PARTITIONS partitions each and are co-partitioned (a device's records, and its
+    state in the changelogs, have the same partition number in each), so they are raised
+    together (`microgrid kafka grow`)."""
+    rules = s.topic(Topics.ALERT_RULES)
+    return [spec for spec in topic_specs(s) if spec.name != rules]
+
+
+class PartitionMismatch(RuntimeError):
+    """Topics keyed by device without DEVICE_TOPIC_PARTITIONS partitions."""
+
+
+def partition_mismatch(s: Settings, counts: dict[str, int]) -> str | None:
+    """What is wrong when these topics keyed by device (name: partitions) do not all have
+    DEVICE_TOPIC_PARTITIONS partitions, or None."""
+    setting = s.device_topic_partitions
+    if all(n == setting for n in counts.values()):
+        return None
+    by_count: dict[int, list[str]] = {}
+    for name, n in sorted(counts.items()):
+        by_count.setdefault(n, []).append(name.removeprefix(s.kafka_namespace))
+    if len(by_count) == 1:
+        (n,) = by_count
+        return (
+            f"the topics keyed by device have {n} partitions but DEVICE_TOPIC_PARTITIONS is"
+            f" {setting}: set DEVICE_TOPIC_PARTITIONS={n} (the setting has to follow the"
+            " topics after `microgrid kafka grow`)"
+        )
+    have = "; ".join(f"{n} partitions: {', '.join(names)}" for n, names in sorted(by_count.items()))
+    return (
+        f"the topics keyed by device have different partition counts ({have};"
+        f" DEVICE_TOPIC_PARTITIONS is {setting}): a `microgrid kafka grow` did not finish;"
+        " run it again with the same --partitions"
+    )
+
+
+async def partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """The partitions of each of these topics that exists (the others are left out)."""
+    described = await admin.describe_topics(topics)
+    return {d["topic"]: len(d["partitions"]) for d in described if not d["error_code"]}
+
+
+async def check_device_partitions(s: Settings, topics: list[str]) -> None:
+    """Raise PartitionMismatch unless these topics keyed by device have DEVICE_TOPIC_PARTITIONS
+    partitions: what the stateful processors check at start, since they keep a device's state
+    on the changelog partition of the same number as its input partition."""
+    admin = AIOKafkaAdminClient(**s.kafka_client)
+    await admin.start()
+    try:
+        counts = await partition_counts(admin, topics)
+    finally:
+        await admin.close()
+    if problem := partition_mismatch(s, counts):
+        raise PartitionMismatch(problem)
+
+
 def site_topic_specs(s: Settings, site_id: str) -> list[TopicSpec]:
     """The topics of a site whose devices have Kafka clients: readings are kept like
     `telemetry.raw`, commands and replies like the shared control topics."""

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEV_TOKEN_SECRET = "dev-only-token-secret-do-not-use-in-production"
@@ -21,8 +26,34 @@ DEV_KAFKA_PASSWORDS = {
 }
 
 
+def cluster_env_file(stack_dir: Path) -> Path:
+    """The settings the clients of the local Kafka cluster need (its brokers, the replication
+    factor), written by `microgrid stack up --brokers 3` and removed by a `stack up` of one
+    broker."""
+    return stack_dir / "kafka-cluster" / "clients.env"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment first, then the local cluster's client settings (while the stack
+        runs `stack up --brokers 3`), then `.env`."""
+        given = [
+            source().get("stack_dir") for source in (init_settings, env_settings, dotenv_settings)
+        ]
+        stack_dir = Path(next((d for d in given if d), cls.model_fields["stack_dir"].default))
+        stack_dir = stack_dir if stack_dir.is_absolute() else PROJECT_ROOT / stack_dir
+        cluster = DotEnvSettingsSource(settings_cls, env_file=cluster_env_file(stack_dir))
+        return init_settings, env_settings, cluster, dotenv_settings, file_secret_settings
 
     # No default: the platform's processes refuse to start without it (require_environment).
     environment: str = Field("", description="dev | test | production (anything else: production)")

@@ -26,7 +26,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 
 from contracts import Groups, Headers, ReadingBatch, Topics
 from contracts.alerting import AlertEvent, AlertRuleSpec
-from runtime.kafka import broker_security
+from runtime.kafka import broker_security, check_device_partitions
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
 from stream_processors.alerting import (
@@ -78,6 +78,8 @@ class Alerter:
         return self.shell.group
 
     async def start(self) -> None:
+        # state sits on the changelog partition numbered as its readings' partition
+        await check_device_partitions(self.s, [self.valid_topic, self.shell.changelog])
         await self.shell.start(self.follow_rules())
         await asyncio.wait_for(self.rules_ready.wait(), timeout=60)
         log.info("alerter ready with %d rules", len(self.rules))
@@ -191,7 +193,7 @@ class Alerter:
 
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
-        s.kafka_bootstrap_servers,
+        s.kafka_bootstrap_servers.split(","),  # a string would be one host to FastStream
         security=broker_security(s),
         allow_auto_create_topics=False,  # the admin makes topics; components may not
         client_id="microgrid-alerter",

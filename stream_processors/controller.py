@@ -31,7 +31,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from contracts import Groups, Headers, Topics
 from contracts.control import CommandRequested, CommandResult
 from contracts.topics import site_topic
-from runtime.kafka import broker_security
+from runtime.kafka import broker_security, check_device_partitions
 from runtime.metrics import RECORDS
 from runtime.settings import Settings
 from stream_processors.keyed_state import KeyedState, Output, StatefulShell, Unprocessable
@@ -80,6 +80,9 @@ class Controller:
         return self.shell.group
 
     async def start(self) -> None:
+        # a command's state sits on the changelog partition numbered as its device's partition
+        topics = [self.commands_topic, self.results_topic, self.shell.changelog]
+        await check_device_partitions(self.shell.s, topics)
         await self.shell.start()
 
     async def stop(self) -> None:
@@ -172,7 +175,7 @@ class Controller:
 
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
-        s.kafka_bootstrap_servers,
+        s.kafka_bootstrap_servers.split(","),  # a string would be one host to FastStream
         security=broker_security(s),
         allow_auto_create_topics=False,  # the admin makes topics; components may not
         client_id="microgrid-controller",

@@ -275,7 +275,7 @@ class Sources:
 
 def create_app(s: Settings) -> FastStream:
     broker = KafkaBroker(
-        s.kafka_bootstrap_servers,
+        s.kafka_bootstrap_servers.split(","),  # a string would be one host to FastStream
         security=broker_security(s),
         allow_auto_create_topics=False,  # the admin makes topics; components may not
         client_id="microgrid-validator",
