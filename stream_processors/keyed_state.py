@@ -577,7 +577,7 @@ class StatefulShell(Generic[S]):
             self._fenced(partition)
             await self._close_producers([partition])
             raise
-        except BaseException as exc:
+        except Exception as exc:  # not on cancellation: the next holder aborts what is open
             await self._abort(partition, producer, exc)
             raise
 
