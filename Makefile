@@ -16,7 +16,7 @@ MVN := mvn -q -B -Dstyle.color=never -f deploy/kafka/pom.xml
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: setup dev test test-contracts test-lowest check lock system-packages stack-up stack-down clean bench-history
+.PHONY: setup dev test test-faults test-contracts test-lowest check lock system-packages stack-up stack-down clean bench-history
 
 setup: system-packages $(VENV)/.installed $(KAFKA_LIBS)/.resolved $(UI_VENDOR)/.installed
 
@@ -92,7 +92,14 @@ dev: setup
 
 test: setup
 	$(BIN)/microgrid stack up
-	ENVIRONMENT=test $(BIN)/pytest -q -p no:cacheprovider
+	ENVIRONMENT=test $(BIN)/pytest -q -p no:cacheprovider --ignore=tests/faults
+
+# The fault suite (tests/faults): the platform under load while each part in turn is killed,
+# paused or starved of disk; prints a table, one row per scenario (sent, accepted, stored,
+# duplicates, lost, recovery time). Runs on a broker, PostgreSQL and Redis of its own.
+test-faults: setup
+	$(BIN)/microgrid stack up
+	ENVIRONMENT=test $(BIN)/pytest -q -p no:cacheprovider tests/faults
 
 # Schemathesis at depth: every phase for every role, 100 examples per operation (the suite runs
 # a bounded set); prints the case count of each run.
@@ -112,7 +119,8 @@ test-lowest: setup
 	$(UV) pip sync -q --python $(LOWEST)/bin/python $(LOWEST).txt
 	$(UV) pip install -q --python $(LOWEST)/bin/python --no-deps -e .
 	$(BIN)/microgrid stack up
-	ENVIRONMENT=test $(LOWEST)/bin/pytest -q -p no:cacheprovider --deselect tests/integration/test_contracts.py
+	ENVIRONMENT=test $(LOWEST)/bin/pytest -q -p no:cacheprovider --ignore=tests/faults \
+		--deselect tests/integration/test_contracts.py
 
 # The readings route over a month of one device's 1-minute readings, served from the rollups,
 # with the projector's cost of keeping them (benchmarks/history.py; a scratch database of its

@@ -13,3 +13,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("fault table")
         for line in table.render():
             terminalreporter.write_line(line)
+        notes = [(r.scenario, r.note) for r in table.ROWS if r.note]
+        if notes:
+            terminalreporter.write_line("")
+            for scenario, note in notes:
+                terminalreporter.write_line(f"{scenario}: {note}")
