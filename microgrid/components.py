@@ -41,6 +41,10 @@ def _serve_http(target: str, host: str, port: int, workers: int) -> None:
         limit_concurrency=4096,  # last resort; the apps shed load with 503 + Retry-After first
         backlog=2048,
         timeout_graceful_shutdown=10,
+        # uvicorn restarts a worker that does not answer its health check in time (5 s by
+        # default); a worker starting on a machine loaded by a whole platform's start-up can
+        # take longer, and the workers were killed over and over (the fault suite saw it)
+        timeout_worker_healthcheck=30,
     )
 
 

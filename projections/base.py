@@ -113,7 +113,11 @@ class Projection(Generic[T]):
                     log.warning("%s", exc)
                     await self.load_positions(list(self.consumer.assignment()))
         finally:
-            await self.consumer.stop()  # leaves the group
+            # leaves the group; bounded, since a LeaveGroup the coordinator does not answer
+            # waited out aiokafka's 40 s request timeout (after PostgreSQL was killed) and held
+            # back the supervisor's restart
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.consumer.stop(), timeout=5)
             await self.conn.close()
             await self.dead_letters.close()
             await self.close()

@@ -63,7 +63,7 @@ log = logging.getLogger("microgrid.state")
 READY_TIMEOUT_S = 30.0  # a batch waiting longer for its state fails and is redelivered
 RESTORE_YIELD_EVERY = 10_000  # records restored between two yields to the event loop
 RESTORE_ATTEMPT_S = 60.0  # a changelog read taking longer is abandoned and tried again
-RESTORE_RETRY = RetryPolicy(initial_s=0.5, max_s=30.0, deadline_s=None)  # until it succeeds
+RESTORE_RETRY = RetryPolicy(initial_s=0.5, max_s=5.0, deadline_s=None)  # until it succeeds
 RestoredTable: TypeAlias = dict[tuple[int, bytes], ConsumerRecord[bytes, bytes]]
 Opened: TypeAlias = tuple[dict[int, AIOKafkaProducer], RestoredTable]
 # a transaction a member leaves open (it died, or is paused) holds back readers of committed
