@@ -381,14 +381,16 @@ class StatefulShell(Generic[S]):
         except BaseException:
             await asyncio.gather(*(_stop_quietly(p) for p in producers.values()))
             raise
-        async with self.lock:
+        try:
+            await self.lock.acquire()
+        except BaseException:  # revoked meanwhile (forget cancels a restore): none is used
+            await asyncio.gather(*(_stop_quietly(p) for p in producers.values()))
+            raise
+        try:  # nothing awaited in here: a cancellation cannot leave a producer unowned
             kept = [p for p in partitions if p in self.assigned]  # not revoked since
-            await self._close_producers(kept)  # a fenced member's, now replaced
-            for p, producer in producers.items():
-                if p in self.assigned:
-                    self.producers[p] = producer
-                else:
-                    await _stop_quietly(producer)
+            old = [self.producers.pop(p) for p in kept if p in self.producers]  # fenced ones
+            unused = [prod for p, prod in producers.items() if p not in self.assigned]
+            self.producers.update((p, prod) for p, prod in producers.items() if p in self.assigned)
             for key, value, partition in restored:
                 if partition in self.assigned:
                     self.state._load(key, value, partition)
@@ -396,6 +398,9 @@ class StatefulShell(Generic[S]):
             for p in kept:
                 self.ready.setdefault(p, asyncio.Event()).set()
             self._report_readiness()
+        finally:
+            self.lock.release()
+        await asyncio.gather(*(_stop_quietly(p) for p in [*old, *unused]))
         log.info(
             "%s restored state of %d keys for partitions %s%s",
             self.name,
