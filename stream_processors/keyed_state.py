@@ -73,7 +73,10 @@ TRANSACTION_TIMEOUT_MS = 15_000
 # timeout, so a member that lost the partition has heard by then) before taking it up again
 REFENCE_AFTER_S = 15.0
 FENCED = (ProducerFenced, InvalidProducerEpoch)
-ABORTABLE = (TransactionState.IN_TRANSACTION, TransactionState.ABORTABLE_ERROR)
+# aiokafka "aborts" a transaction in ABORTABLE_ERROR locally, without telling the broker (it
+# forgot the partitions); such a producer is replaced instead: the new one's InitProducerId
+# aborts the transaction on the broker
+ABORTABLE = (TransactionState.IN_TRANSACTION,)
 
 RESTORE_FAILURES = Counter(
     "microgrid_state_restore_failures_total",
@@ -94,6 +97,12 @@ class Output:
     topic: str
     key: bytes
     value: bytes
+
+
+class NotReady(Exception):
+    """A batch holds records of a partition whose state is being restored again: it fails,
+    and FastStream redelivers it (never skipped: the group still gives this member the
+    partition, so skipping would commit past its records)."""
 
 
 class Unprocessable(Exception):
@@ -176,8 +185,10 @@ class KeyedState(Generic[S]):
         """The staged changes (of keys in `partitions`, or all) become the committed state;
         the rest is discarded."""
         for key, value in self._staged.items():
-            if partitions is not None and self.partition_of(key) not in partitions:
-                continue
+            if partitions is not None:
+                partition = self._staged_partition.get(key, self._partition.get(key))
+                if partition not in partitions:  # (None: its partition was dropped)
+                    continue
             if value is None:
                 self._values.pop(key, None)
                 self._partition.pop(key, None)
@@ -327,17 +338,18 @@ class StatefulShell(Generic[S]):
                 raise
             return producer
 
-        opened = await asyncio.gather(*(open_one(p) for p in partitions), return_exceptions=True)
-        failure = next((o for o in opened if isinstance(o, BaseException)), None)
-        producers = {
-            p: o
-            for p, o in zip(partitions, opened, strict=True)
-            if not isinstance(o, BaseException)
-        }
-        if failure is not None:
-            await asyncio.gather(*(_stop_quietly(o) for o in producers.values()))
-            raise failure
-        return producers
+        tasks = [asyncio.create_task(open_one(p)) for p in partitions]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:  # a failure, a timeout or a cancellation: none is kept
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            opened = [t.result() for t in tasks if not t.cancelled() and t.exception() is None]
+            await asyncio.gather(*(_stop_quietly(o) for o in opened))
+            raise
+        return {p: t.result() for p, t in zip(partitions, tasks, strict=True)}
 
     async def _close_producers(self, partitions: list[int]) -> None:
         closing = [self.producers.pop(p) for p in partitions if p in self.producers]
@@ -451,11 +463,17 @@ class StatefulShell(Generic[S]):
             partition,
         )
         RECORDS.labels(self.group, "fenced").inc()
+        self._let_go(partition)
+        self._tasks.append(asyncio.create_task(self._take_up_again(partition)))
+
+    def _let_go(self, partition: int) -> None:
+        """Stop working a partition the group still gives this member (its records wait)."""
         self.owned.discard(partition)
         self.ready[partition] = asyncio.Event()
-        self.state._drop({partition})
+        gone = self.state._drop({partition})
         self._report_readiness()
-        self._tasks.append(asyncio.create_task(self._take_up_again(partition)))
+        if self.on_forget is not None:
+            self.on_forget(gone)
 
     async def _take_up_again(self, partition: int) -> None:
         """If the group still gives this member the partition once any member that lost it
@@ -479,8 +497,10 @@ class StatefulShell(Generic[S]):
                 work: dict[int, _Work] = {}
                 for rec in records:
                     p = rec.partition
-                    if p not in self.owned:  # revoked (or fenced) while this batch waited
-                        RECORDS.labels(self.group, "fenced").inc()
+                    if p not in self.owned:
+                        if p in self.assigned:  # fenced or being replaced: not yet, not skipped
+                            raise NotReady(f"{self.name}: partition {p} is being taken up again")
+                        RECORDS.labels(self.group, "fenced").inc()  # revoked while it waited
                         continue
                     w = work.get(p)
                     if w is None:
@@ -605,10 +625,7 @@ class StatefulShell(Generic[S]):
         if partition in self.owned:
             log.warning("%s: replacing partition %d's producer after %r", self.name, partition, exc)
             await self._close_producers([partition])
-            self.owned.discard(partition)
-            self.ready[partition] = asyncio.Event()
-            self.state._drop({partition})
-            self._report_readiness()
+            self._let_go(partition)
             if partition not in self._restoring:
                 self.assign([partition])
 
