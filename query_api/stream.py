@@ -412,7 +412,15 @@ def _values(values: list[str] | None) -> frozenset[str] | None:
 
 @get(
     "/api/v1/stream",
-    opt={"public": True, "own_auth": True, **problems(400, 401, 403)},
+    # a last_event_id that is no event id (a NUL in it, say) is answered with an `error`
+    # event, and access_token is read only without an Authorization header: neither refuses
+    # a NUL, so the document gives them no NUL-free pattern
+    opt={
+        "public": True,
+        "own_auth": True,
+        "accepts_nul": ("access_token", "last_event_id", "Last-Event-ID"),
+        **problems(400, 401, 403),
+    },
     tags=["stream"],
     media_type="text/event-stream",
     description=DESCRIPTION,
