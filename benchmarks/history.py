@@ -206,6 +206,22 @@ async def queries(s: Settings, repeat: int, days: int) -> None:
             ) as client,
             await psycopg.AsyncConnection.connect(s.database_url, autocommit=True) as conn,
         ):
+
+            def query(
+                end: datetime, span: timedelta, source: ReadingSource | None = None
+            ) -> SeriesQuery:
+                return series_query(
+                    DEVICE,
+                    end - span,
+                    end,
+                    300,
+                    list(METRICS),
+                    now=end,
+                    raw_retention=timedelta(days=s.telemetry_raw_retention_days),
+                    m1_retention=timedelta(days=s.rollup_1m_retention_days),
+                    source=source,
+                )
+
             headers = {"Authorization": f"Bearer {token}"}
             path = f"/api/v1/devices/{DEVICE}/readings"
             typer.echo(
@@ -225,37 +241,14 @@ async def queries(s: Settings, repeat: int, days: int) -> None:
                     if r.status_code != 200:
                         raise RuntimeError(f"{r.status_code}: {r.text}")
                     body = r.json()
-                query = series_query(
-                    DEVICE,
-                    end - span,
-                    end,
-                    300,
-                    list(METRICS),
-                    now=end,
-                    raw_retention=timedelta(days=s.telemetry_raw_retention_days),
-                    m1_retention=timedelta(days=s.rollup_1m_retention_days),
-                )
-                read = await explain_rows(conn, query.sql, query.params)
+                q = query(end, span)
+                read = await explain_rows(conn, q.sql, q.params)
                 typer.echo(
                     f"  {label:>5}: source {body['source']:>3}, {len(body['points']):3} buckets"
                     f" of {body['bucket_s']:>5} s, {read:>6,} rows read  {ms(times)}"
                 )
-            end = datetime.now(UTC)
-
-            def month(source: ReadingSource | None = None) -> SeriesQuery:
-                return series_query(
-                    DEVICE,
-                    end - timedelta(days=days),
-                    end,
-                    300,
-                    list(METRICS),
-                    now=end,
-                    raw_retention=timedelta(days=s.telemetry_raw_retention_days),
-                    m1_retention=timedelta(days=s.rollup_1m_retention_days),
-                    source=source,
-                )
-
-            raw, rolled = month("raw"), month()
+            end, month = datetime.now(UTC), timedelta(days=days)
+            raw, rolled = query(end, month, "raw"), query(end, month)
             typer.echo(f"the {days}-day query's SQL alone, {repeat} times each:")
             for name, q in ((f"rollups ({rolled.source})", rolled), ("raw readings", raw)):
                 times = []
