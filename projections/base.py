@@ -173,18 +173,6 @@ class Projection(Generic[T]):
                 self.positions[tp.partition] = stored[tp.partition]
                 self.consumer.seek(tp, stored[tp.partition].next_offset)
 
-    async def _consumed_to(self, tp: TopicPartition, records: list[Record]) -> int:
-        """The offset after the poll's records of `tp`, and after the transaction markers (or
-        aborted records) the consumer skipped right behind them: the alerter and the controller
-        write in transactions, and a position left before a marker would count as lag."""
-        after = records[-1].offset + 1
-        try:
-            position = await self.consumer.position(tp)
-        except (KafkaError, AssertionError, ValueError) as exc:  # no longer assigned
-            log.debug("%s: no position for %s: %r", self.name, tp, exc)
-            return after
-        return position if position > after else after
-
     async def project(self, polled: dict[TopicPartition, list[Record]]) -> None:
         assert self.conn is not None
         items: list[tuple[Record, T]] = []
@@ -198,7 +186,7 @@ class Projection(Generic[T]):
                 if rec.offset < pos.next_offset:
                     continue  # fetched before a re-seek: already projected
                 self._admit(rec, items, refused)
-            end = store.Position(max(pos.next_offset, await self._consumed_to(tp, records)))
+            end = store.Position(max(pos.next_offset, records[-1].offset + 1))
             moves.append((tp.partition, pos.next_offset, end))
         if not moves:
             return
