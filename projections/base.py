@@ -57,6 +57,9 @@ class Projection(Generic[T]):
         self.max_records = max_records
         self.consumer = self._new_consumer()
         self.positions: dict[int, store.Position] = {}
+        # how many times each partition was sought to its stored position (`load_positions`):
+        # a poll's records of a partition sought since the poll returned are not projected
+        self.seeks: dict[int, int] = {}
         self.lock = asyncio.Lock()
         self.conn: psycopg.AsyncConnection | None = None
         self.stopping = asyncio.Event()
@@ -106,9 +109,13 @@ class Projection(Generic[T]):
                     raise RuntimeError("could not load stored positions") from self.listener_error
                 if not polled:
                     continue
+                # a seek during the poll is no matter: aiokafka returns no record fetched
+                # before it; one after it, before the poll is projected, makes its records stale
+                seeks = dict(self.seeks)
+                consumed = await self._consumed_to(polled)  # not under the lock: see there
                 try:
                     async with self.lock:
-                        await self.project(polled)
+                        await self.project(polled, seeks, consumed)
                 except _Fenced as exc:
                     log.warning("%s", exc)
                     await self.load_positions(list(self.consumer.assignment()))
@@ -172,8 +179,35 @@ class Projection(Generic[T]):
             for tp in partitions:  # under the lock: no poll runs between these seeks
                 self.positions[tp.partition] = stored[tp.partition]
                 self.consumer.seek(tp, stored[tp.partition].next_offset)
+                self.seeks[tp.partition] = self.seeks.get(tp.partition, 0) + 1
 
-    async def project(self, polled: dict[TopicPartition, list[Record]]) -> None:
+    async def _consumed_to(self, polled: dict[TopicPartition, list[Record]]) -> dict[int, int]:
+        """The consumer's position in each polled partition: past the poll's records and the
+        transaction markers (or aborted records) it skipped right behind them. The alerter and
+        the controller write in transactions, and a stored position left before a marker would
+        count as lag forever on a quiet partition.
+
+        Asked before the projection's lock is taken, and for a second at most: during a
+        rebalance `position()` waits for the new assignment's position, which the rebalance
+        listener sets under that lock. A partition without an answer keeps the offset after
+        its last record."""
+        consumed: dict[int, int] = {}
+        for tp in polled:
+            try:
+                consumed[tp.partition] = await asyncio.wait_for(self.consumer.position(tp), 1.0)
+            except (KafkaError, AssertionError, ValueError, TimeoutError) as exc:
+                log.debug("%s: no position for %s: %r", self.name, tp, exc)
+        return consumed
+
+    async def project(
+        self,
+        polled: dict[TopicPartition, list[Record]],
+        seeks: dict[int, int],
+        consumed: dict[int, int] | None = None,
+    ) -> None:
+        """Apply a poll and move the stored positions, in one transaction. `seeks` is
+        `self.seeks` as it was when the poll returned; `consumed`, the consumer's positions
+        after the poll (see `_consumed_to`)."""
         assert self.conn is not None
         items: list[tuple[Record, T]] = []
         refused: list[tuple[Record, str]] = []
@@ -182,11 +216,18 @@ class Projection(Generic[T]):
             pos = self.positions.get(tp.partition)
             if pos is None:  # fetched before this partition's positions were loaded
                 continue
+            if self.seeks.get(tp.partition, 0) != seeks.get(tp.partition, 0):
+                # the rebalance listener sought this partition after the poll returned (while
+                # this waited for the lock): its records may lie anywhere, even past records a
+                # poll before dropped for want of a position. The consumer reads again from
+                # the seek.
+                continue
             for rec in records:
                 if rec.offset < pos.next_offset:
                     continue  # fetched before a re-seek: already projected
                 self._admit(rec, items, refused)
-            end = store.Position(max(pos.next_offset, records[-1].offset + 1))
+            after = records[-1].offset + 1
+            end = store.Position(max(pos.next_offset, after, (consumed or {}).get(tp.partition, 0)))
             moves.append((tp.partition, pos.next_offset, end))
         if not moves:
             return
