@@ -194,7 +194,8 @@ class Projection(Generic[T]):
         consumed: dict[int, int] = {}
         for tp in polled:
             try:
-                consumed[tp.partition] = await asyncio.wait_for(self.consumer.position(tp), 1.0)
+                async with asyncio.timeout(1.0):  # no task: a valid position returns at once
+                    consumed[tp.partition] = await self.consumer.position(tp)
             except (KafkaError, AssertionError, ValueError, TimeoutError) as exc:
                 log.debug("%s: no position for %s: %r", self.name, tp, exc)
         return consumed
