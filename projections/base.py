@@ -118,7 +118,12 @@ class Projection(Generic[T]):
                         await self.project(polled, seeks, consumed)
                 except _Fenced as exc:
                     log.warning("%s", exc)
-                    await self.load_positions(list(self.consumer.assignment()))
+                    try:
+                        await self.load_positions(list(self.consumer.assignment()), reload=True)
+                    except (_Fenced, KafkaError) as again:
+                        # moved again, or a rebalance took partitions meanwhile (its listener
+                        # loads the new ones): the next poll's compare-and-set finds out
+                        log.warning("%s: reloading positions: %r", self.name, again)
         finally:
             # leaves the group; bounded, since a LeaveGroup the coordinator does not answer
             # waited out aiokafka's 40 s request timeout (after PostgreSQL was killed) and held
@@ -139,6 +144,8 @@ class Projection(Generic[T]):
             await asyncio.wait_for(self.consumer.stop(), timeout=10)
         async with self.lock:
             self.positions.clear()
+        # a listener the stop cancelled is no error of the new consumer's
+        self.listener_error = None
         delay = 1.0
         while not self.stopping.is_set():
             consumer = self._new_consumer()
@@ -156,8 +163,11 @@ class Projection(Generic[T]):
             log.info("%s: Kafka consumer replaced", self.name)
             return
 
-    async def load_positions(self, partitions: list[TopicPartition]) -> None:
-        """Seek to the positions stored in PostgreSQL, moved into the log's current bounds."""
+    async def load_positions(self, partitions: list[TopicPartition], reload: bool = False) -> None:
+        """Seek to the positions stored in PostgreSQL, moved into the log's current bounds.
+        The rebalance listener loads the partitions assigned; a `reload` (after a refused
+        compare-and-set) only those this member still holds: a partition revoked meanwhile is
+        left to the listener of its next assignment, which seeks before it is projected."""
         assert self.conn is not None
         begins = await self.consumer.beginning_offsets(partitions)
         ends = await self.consumer.end_offsets(partitions)
@@ -166,6 +176,9 @@ class Projection(Generic[T]):
                 stored = await store.load_positions(
                     self.conn, self.name, self.topic, [tp.partition for tp in partitions]
                 )
+                past = [tp for tp in partitions if stored[tp.partition].next_offset > ends[tp]]
+                if past:  # or another member stored positions since the ends were asked
+                    ends.update(await self.consumer.end_offsets(past))
                 for tp in partitions:
                     pos = stored[tp.partition]
                     fixed = _within_log(tp, pos, begins[tp], ends[tp])
@@ -176,7 +189,10 @@ class Projection(Generic[T]):
                         if not ok:
                             raise _Fenced(tp.partition)
                         stored[tp.partition] = fixed
+            assigned = self.consumer.assignment()
             for tp in partitions:  # under the lock: no poll runs between these seeks
+                if tp not in assigned or (reload and tp.partition not in self.positions):
+                    continue
                 self.positions[tp.partition] = stored[tp.partition]
                 self.consumer.seek(tp, stored[tp.partition].next_offset)
                 self.seeks[tp.partition] = self.seeks.get(tp.partition, 0) + 1
